@@ -1,0 +1,1 @@
+"""ModelGrid client SDK. Imports without torch: the model code lives in modelgrid.model."""

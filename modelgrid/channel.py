@@ -1,0 +1,29 @@
+"""gRPC channel settings shared by every server and client of ModelGrid."""
+
+from __future__ import annotations
+
+import grpc
+
+# One finite max message size for servers and channels alike. Tensors above it travel chunked.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Chunk size for streamed tensors and files: well under MAX_MESSAGE_BYTES.
+CHUNK_BYTES = 4 * 1024 * 1024
+
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def aio_channel(address: str) -> grpc.aio.Channel:
+    """A persistent insecure asyncio channel with ModelGrid's options."""
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def sync_channel(address: str) -> grpc.Channel:
+    """A persistent insecure blocking channel with ModelGrid's options."""
+    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
