@@ -38,11 +38,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         except ValueError as exc:
             raise ModelFormatError(f"{path} is not a safetensors file: bad header JSON ({exc})") from None
     out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = entry["data_offsets"]
-        out[name] = TensorInfo(path, entry["dtype"], tuple(entry["shape"]), end - begin)
+    try:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            out[name] = TensorInfo(path, entry["dtype"], tuple(entry["shape"]), end - begin)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ModelFormatError(f"{path} is not a safetensors file: malformed header") from None
     return out
 
 

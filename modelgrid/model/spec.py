@@ -22,6 +22,8 @@ SUPPORTED_ENCODER_ACTS = ("gelu", "gelu_new", "relu")
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """What a stage needs to know about a model; built by from_hf_config / load_spec."""
+
     architecture: str  # "llama" | "mistral" | "qwen2" | "bert" (the config's model_type)
     kind: str  # "decoder" (causal LM, has a KV cache) | "encoder" (BERT, produces embeddings)
     num_layers: int  # transformer blocks; a stage is a range [start, end) of them
@@ -43,11 +45,11 @@ class ModelSpec:
     hidden_act: str = "silu"  # MLP activation: silu (decoders, SwiGLU) or gelu (BERT)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding-window size, None = full attention
     type_vocab_size: int = 0  # token-type (segment) embeddings rows (BERT)
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
+    pad_token_id: int | None = None  # padding token, if the config names one
+    bos_token_id: int | None = None  # beginning-of-sequence token
     eos_token_id: int | list[int] | None = None  # one id or several (any of them ends generation)
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, as config.json says
-    tensor_prefix: str = ""  # prefix of the backbone's tensor names: "model." (decoders), "" or "bert." (BERT)
+    tensor_prefix: str = ""  # before the backbone's tensor names: "model." (decoders), "" or "bert."
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
@@ -96,6 +98,8 @@ class ModelSpec:
 def load_spec(directory: str | Path) -> ModelSpec:
     """Read directory/config.json; the tensor-name prefix is checked against the safetensors there."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFormatError(f"model directory {directory} does not exist")
     path = directory / "config.json"
     if not path.is_file():
         raise ModelFormatError(
@@ -118,6 +122,11 @@ def _decoder_spec(arch: str, c: dict[str, Any]) -> ModelSpec:
         raise ModelFormatError(f"{arch} with hidden_act {c['hidden_act']!r} is not supported (only silu)")
     num_layers = c["num_hidden_layers"]
     num_heads = c["num_attention_heads"]
+    num_kv_heads = c.get("num_key_value_heads") or num_heads
+    if num_heads % num_kv_heads:
+        raise ModelFormatError(
+            f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+        )
     rope_theta, rope_scaling = _rope(c)
     attention_bias = bool(c.get("attention_bias", False))
     names = c.get("architectures") or []
@@ -127,7 +136,7 @@ def _decoder_spec(arch: str, c: dict[str, Any]) -> ModelSpec:
         num_layers=num_layers,
         hidden_size=c["hidden_size"],
         num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
         intermediate_size=c["intermediate_size"],
         vocab_size=c["vocab_size"],
@@ -156,7 +165,9 @@ def _encoder_spec(arch: str, c: dict[str, Any]) -> ModelSpec:
         )
     act = c.get("hidden_act", "gelu")
     if act not in SUPPORTED_ENCODER_ACTS:
-        raise ModelFormatError(f"bert with hidden_act {act!r} is not supported; supported: {SUPPORTED_ENCODER_ACTS}")
+        raise ModelFormatError(
+            f"bert with hidden_act {act!r} is not supported; supported: {', '.join(SUPPORTED_ENCODER_ACTS)}"
+        )
     num_heads = c["num_attention_heads"]
     names = c.get("architectures") or ["BertModel"]
     return ModelSpec(
@@ -208,8 +219,9 @@ def _layer_windows(arch: str, c: dict[str, Any], num_layers: int) -> tuple[int |
     if arch == "mistral":
         return (window,) * num_layers
     if arch == "qwen2" and c.get("use_sliding_window") and window is not None:
+        first_sliding = c.get("max_window_layers", 28)
         types = c.get("layer_types") or [
-            "sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention" for i in range(num_layers)
+            "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)
         ]
         return tuple(window if t == "sliding_attention" else None for t in types)
     return (None,) * num_layers
