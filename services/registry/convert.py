@@ -1,0 +1,92 @@
+"""Protobuf <-> registry records: the only registry module besides the servicer that sees *_pb2."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from modelgrid.errors import InvalidArgument
+from modelgrid.v1 import common_pb2, registry_pb2
+from services.registry.records import (
+    Deployment,
+    FileEntry,
+    FilePart,
+    ModelRecord,
+    TensorPiece,
+    UploadHeader,
+    VersionRecord,
+)
+
+
+async def upload_parts(
+    requests: AsyncIterator[common_pb2.UploadVersionChunk],
+) -> AsyncIterator[UploadHeader | FilePart]:
+    async for message in requests:
+        kind = message.WhichOneof("part")
+        if kind == "header":
+            h = message.header
+            yield UploadHeader(
+                model=h.model,
+                aliases=list(h.aliases),
+                replicas=h.replicas,
+                num_stages=h.num_stages,
+                files=[FileEntry(f.path, f.size, f.sha256) for f in h.files],
+            )
+        elif kind == "chunk":
+            yield FilePart(message.chunk.path, message.chunk.offset, message.chunk.data)
+        else:
+            raise InvalidArgument("an UploadVersionChunk must carry a header or a chunk")
+
+
+def file_info(f: FileEntry) -> common_pb2.FileInfo:
+    return common_pb2.FileInfo(path=f.path, size=f.size, sha256=f.sha256)
+
+
+def version_to_proto(v: VersionRecord) -> common_pb2.ModelVersion:
+    return common_pb2.ModelVersion(
+        model=v.model,
+        version=v.version,
+        architecture=v.architecture,
+        kind=v.kind,
+        num_layers=v.num_layers,
+        layer_bytes=v.layer_bytes,
+        embed_bytes=v.embed_bytes,
+        head_bytes=v.head_bytes,
+        kv_bytes_per_token_per_layer=v.kv_bytes_per_token_per_layer,
+        vocab_size=v.vocab_size,
+        max_context=v.max_context,
+        files=[file_info(f) for f in v.files],
+        aliases=v.aliases,
+        created_unix_ms=v.created_unix_ms,
+        config_json=v.config_json,
+    )
+
+
+def model_to_proto(m: ModelRecord) -> common_pb2.Model:
+    return common_pb2.Model(
+        name=m.name,
+        versions=[version_to_proto(v) for v in m.versions],
+        aliases=m.aliases,
+        replicas=m.replicas,
+        num_stages=m.num_stages,
+    )
+
+
+def deployment_to_proto(d: Deployment) -> registry_pb2.Deployment:
+    return registry_pb2.Deployment(version=version_to_proto(d.version), replicas=d.replicas, num_stages=d.num_stages)
+
+
+def tensor_chunk(piece: TensorPiece) -> registry_pb2.TensorChunk:
+    e = piece.entry
+    return registry_pb2.TensorChunk(
+        name=piece.name,
+        dtype=e.dtype,
+        shape=e.shape,
+        offset=piece.offset,
+        data=piece.data,
+        total_bytes=e.nbytes,
+        sha256=piece.sha256,
+    )
+
+
+def file_chunk(path: str, offset: int, data: bytes) -> common_pb2.FileChunk:
+    return common_pb2.FileChunk(path=path, offset=offset, data=data)
