@@ -1,0 +1,60 @@
+"""WorkerServicer: each RPC parses the proto, calls the runtime, builds the reply."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import grpc
+
+from modelgrid.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.rpc import rpc
+from services.worker import convert
+from services.worker.runtime import WorkerRuntime
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runtime: WorkerRuntime, on_change: Callable[[], None] = lambda: None) -> None:
+        self.runtime = runtime
+        self.on_change = on_change  # stages changed: tell the scheduler at once (a heartbeat)
+
+    @rpc
+    async def LoadStage(
+        self, request: worker_pb2.LoadStageRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoadStageResponse:
+        stage = await self.runtime.load_stage(convert.stage_key(request), int(request.epoch))
+        self.on_change()
+        return worker_pb2.LoadStageResponse(stage=convert.loaded_stage_to_proto(stage.status()))
+
+    @rpc
+    async def UnloadStage(
+        self, request: worker_pb2.UnloadStageRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.UnloadStageResponse:
+        if await self.runtime.unload_stage(convert.stage_key(request), int(request.epoch)):
+            self.on_change()
+        return worker_pb2.UnloadStageResponse()
+
+    @rpc
+    async def Forward(
+        self, request: worker_pb2.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ForwardResponse:
+        key = convert.stage_key(request)
+        if self.runtime.stage_for(key, int(request.epoch)).spec.kind == "encoder":
+            step = convert.encoder_step_from_proto(request)
+            result = await self.runtime.encoder_step(key, int(request.epoch), step)
+        else:
+            step = convert.decoder_step_from_proto(request)
+            result = await self.runtime.decoder_step(key, int(request.epoch), step)
+        return convert.forward_response(result)
+
+    @rpc
+    async def CloseSession(
+        self, request: worker_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.CloseSessionResponse:
+        self.runtime.close_session(request.session_id)
+        return worker_pb2.CloseSessionResponse()
+
+    @rpc
+    async def GetStatus(
+        self, request: worker_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerInfo:
+        return convert.worker_info_to_proto(self.runtime.status())
