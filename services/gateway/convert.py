@@ -1,0 +1,110 @@
+"""Protobuf <-> the gateway's plain data (domain.py, validation.py), and tensors on the wire <-> numpy.
+
+The servicer (public API) and upstream.py (downstream stubs) call these; the modules in between
+(validation, tokenizers, stops, pipeline) never see a *_pb2 type, except hidden states, which pass
+from one hop to the next untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelgrid.errors import Unavailable
+from modelgrid.v1 import common_pb2, gateway_pb2
+from services.gateway.domain import Chunk, Embeddings, Hop, Route, VersionInfo
+from services.gateway.validation import EmbedParams, GenerateParams, Limits, parse_embed, parse_generate
+
+
+def version_from_proto(v: common_pb2.ModelVersion) -> VersionInfo:
+    return VersionInfo(
+        model=v.model,
+        version=v.version,
+        architecture=v.architecture,
+        kind=v.kind,
+        vocab_size=v.vocab_size,
+        max_context=v.max_context,
+        config=VersionInfo.parse_config(v.config_json),
+        files=tuple(f.path for f in v.files),
+    )
+
+
+def route_from_proto(r: common_pb2.Route) -> Route:
+    return Route(
+        model=r.model,
+        version=r.version,
+        epoch=r.epoch,
+        hops=tuple(Hop(h.start_layer, h.end_layer, h.worker_id, h.address) for h in r.hops),
+    )
+
+
+def generate_params(req: gateway_pb2.GenerateRequest, limits: Limits) -> GenerateParams:
+    """Checks the request's own fields; unset optional fields become None (the defaults)."""
+    which = req.WhichOneof("prompt")
+    return parse_generate(
+        model=req.model,
+        version=req.version,
+        text=req.text if which == "text" else None,
+        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
+        temperature=req.temperature if req.HasField("temperature") else None,
+        top_p=req.top_p if req.HasField("top_p") else None,
+        top_k=req.top_k if req.HasField("top_k") else None,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=list(req.stop),
+        limits=limits,
+    )
+
+
+def embed_params(req: gateway_pb2.EmbedRequest) -> EmbedParams:
+    return parse_embed(model=req.model, version=req.version, texts=list(req.texts))
+
+
+def chunk_to_proto(chunk: Chunk, version: str) -> gateway_pb2.GenerateChunk:
+    out = gateway_pb2.GenerateChunk(
+        text=chunk.text, token_id=chunk.token_id, logprob=chunk.logprob, index=chunk.index, version=version
+    )
+    if chunk.finish_reason:
+        out.finish_reason = chunk.finish_reason
+        out.usage.CopyFrom(usage(chunk.prompt_tokens, chunk.completion_tokens))
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> gateway_pb2.Usage:
+    return gateway_pb2.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def embed_response(result: Embeddings, version: str) -> gateway_pb2.EmbedResponse:
+    return gateway_pb2.EmbedResponse(
+        embeddings=[gateway_pb2.Embedding(values=row.tolist()) for row in result.vectors],
+        version=version,
+        usage=usage(result.prompt_tokens, 0),
+    )
+
+
+# ---- tensors on the wire (numpy only: the gateway does not import torch) ----------------------
+
+def int_tensor(values: np.ndarray) -> common_pb2.Tensor:
+    """An int64 tensor (e.g. an attention mask)."""
+    arr = np.ascontiguousarray(values, dtype="<i8")
+    return common_pb2.Tensor(data=arr.tobytes(), dtype="int64", shape=list(arr.shape))
+
+
+def tensor_to_numpy(t: common_pb2.Tensor, what: str) -> np.ndarray:
+    """A float tensor from a worker as float32 numpy (bfloat16 widened by bit shifting)."""
+    shape = tuple(int(d) for d in t.shape)
+    if t.dtype == "float32":
+        arr = np.frombuffer(t.data, dtype="<f4")
+    elif t.dtype == "float16":
+        arr = np.frombuffer(t.data, dtype="<f2").astype(np.float32)
+    elif t.dtype == "bfloat16":
+        arr = (np.frombuffer(t.data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise Unavailable(f"{what} came back with dtype {t.dtype!r}; expected float32, float16 or bfloat16")
+    if arr.size != int(np.prod(shape, dtype=np.int64)):
+        raise Unavailable(f"{what} came back with {arr.size} values for shape {list(shape)}")
+    return arr.reshape(shape)
+

@@ -1,0 +1,335 @@
+"""Requests through a route of pipeline stages: a generation session, and a batch of embeddings.
+
+The gateway drives every hop (as Petals does): it sends the tokens to the first stage, carries each
+stage's hidden states on to the next, and gets the sampled token back from the last one. Because the
+gateway holds the session's tokens, it can rebuild a session anywhere: when a hop fails (UNAVAILABLE,
+a broken call), has a stale epoch (ABORTED) or lost the stage or the session (FAILED_PRECONDITION), it
+drops the route, reports a dead worker to the scheduler, gets a route without it and replays the
+session's tokens from position 0 with reset = true. The last stage derives step i's generator from
+(seed, i), so the replayed step samples the same token. Retries are bounded in number and by the
+request's deadline. The session is closed on every worker it touched, whatever ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+
+from modelgrid.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelGridError,
+    Unavailable,
+)
+from services.gateway.domain import Chunk, Embeddings, Hop, Route, Sampling, VersionInfo
+from services.gateway.stops import StopMatcher
+from services.gateway.tokenizers import ModelTokenizer
+from services.gateway.upstream import RouteCache, SchedulerClient, Workers
+
+log = logging.getLogger(__name__)
+
+# hop errors that a new route (and a replay) can cure
+RETRYABLE = (Unavailable, Aborted, FailedPrecondition)
+# activations carried per Forward in an Embed micro-batch, well under the gRPC message limit
+EMBED_BATCH_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_failovers: int = 3  # re-routes one request may take before it fails with UNAVAILABLE
+    backoff_s: float = 0.2  # wait before the first re-route; doubles each time
+    max_backoff_s: float = 2.0
+
+
+@dataclass
+class Router:
+    """Everything a request needs to reach the workers."""
+
+    routes: RouteCache
+    scheduler: SchedulerClient
+    workers: Workers
+    policy: RetryPolicy
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked generation request, ready to run."""
+
+    version: VersionInfo
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    deadline: float  # time.monotonic() by which the whole request must end
+
+    @property
+    def max_session_tokens(self) -> int:
+        return len(self.prompt_ids) + self.max_tokens
+
+
+class _HopFailed(Exception):
+    def __init__(self, hop: Hop, error: ModelGridError) -> None:
+        super().__init__(error.message)
+        self.hop = hop
+        self.error = error
+
+
+def remaining(deadline: float, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded(f"the request ran out of time {what}")
+    return left
+
+
+class Failover:
+    """The current route of one request, and what to do when a hop fails (bounded, with backoff)."""
+
+    def __init__(self, router: Router, version: VersionInfo, deadline: float) -> None:
+        self._router = router
+        self._version = version
+        self._deadline = deadline
+        self._exclude: list[str] = []
+        self._route: Route | None = None
+        self.failures = 0
+
+    async def route(self) -> Route:
+        while self._route is None:
+            timeout = remaining(self._deadline, f"waiting for a route for {self._version.label}")
+            try:
+                self._route = await self._router.routes.get(
+                    self._version.model, self._version.version, self._exclude, timeout
+                )
+            except Unavailable as err:  # not (re)placed yet, or no replica outside the excluded ones
+                await self._backoff(err.message)
+        return self._route
+
+    async def hop_failed(self, failure: _HopFailed) -> None:
+        """Drop the route (reporting a dead worker) and wait before the next try; raise when out of tries."""
+        hop, err = failure.hop, failure.error
+        log.warning(
+            "%s: hop %s [%d,%d) at %s failed (%s: %s); re-routing",
+            self._version.label, hop.worker_id, hop.start_layer, hop.end_layer, hop.address, err.code, err.message,
+        )
+        if self._route is not None:
+            self._router.routes.invalidate(self._route)
+        self._route = None
+        if isinstance(err, Unavailable):
+            if hop.worker_id not in self._exclude:
+                self._exclude.append(hop.worker_id)
+            await self._router.scheduler.report_failure(hop.worker_id, f"{err.code}: {err.message}")
+        await self._backoff(f"worker {hop.worker_id} at {hop.address}: {err.message}")
+
+    async def _backoff(self, last_error: str) -> None:
+        self.failures += 1
+        policy = self._router.policy
+        if self.failures > policy.max_failovers:
+            raise Unavailable(
+                f"{self._version.label} could not be served after {self.failures} attempts "
+                f"(no working route through its stages); last error: {last_error}"
+            )
+        delay = min(policy.backoff_s * 2 ** (self.failures - 1), policy.max_backoff_s)
+        left = remaining(self._deadline, f"re-routing {self._version.label} (last error: {last_error})")
+        await asyncio.sleep(min(delay, left))
+
+
+class Session:
+    """One generation session: the tokens its stages have cached, and the workers it touched."""
+
+    def __init__(self, router: Router, plan: Plan, session_id: str | None = None) -> None:
+        self.session_id = session_id or uuid.uuid4().hex
+        self._router = router
+        self._plan = plan
+        self._failover = Failover(router, plan.version, plan.deadline)
+        self._tokens: list[int] = []  # ids every stage of the current route has cached
+        self._replay = False  # the next step rebuilds the caches from position 0
+        self.touched: set[str] = set()  # worker addresses that may hold state of the session
+
+    @property
+    def failures(self) -> int:
+        return self._failover.failures
+
+    async def step(self, new_ids: Sequence[int], step: int) -> tuple[int, float]:
+        """Run new_ids through every stage; return the sampled (token id, logprob) of step `step`."""
+        while True:
+            route = await self._failover.route()
+            replay = self._replay
+            ids = [*self._tokens, *new_ids] if replay else list(new_ids)
+            position = 0 if replay else len(self._tokens)
+            try:
+                token = await self._through(route, ids, position, replay, step)
+            except _HopFailed as failure:
+                self._replay = True  # stages before the failed one may have cached part of the step
+                await self._failover.hop_failed(failure)
+                continue
+            self._tokens.extend(new_ids)
+            self._replay = False
+            return token
+
+    async def _through(
+        self, route: Route, ids: list[int], position: int, reset: bool, step: int
+    ) -> tuple[int, float]:
+        hidden = None
+        last = len(route.hops) - 1
+        for i, hop in enumerate(route.hops):
+            self.touched.add(hop.address)
+            timeout = remaining(self._plan.deadline, f"at step {step} on worker {hop.worker_id}")
+            try:
+                out = await self._router.workers.forward_decoder(
+                    route, hop, self.session_id,
+                    tokens=ids if i == 0 else None, hidden=hidden, position=position, reset=reset,
+                    sampling=self._plan.sampling, step=step, max_session_tokens=self._plan.max_session_tokens,
+                    timeout=timeout,
+                )
+            except RETRYABLE as err:
+                raise _HopFailed(hop, err) from None
+            if i == last and out.token is not None:
+                return out.token
+            if i == last or out.hidden is None:
+                raise _HopFailed(hop, Aborted(
+                    f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
+                    f"{len(route.hops)}; the route is stale"
+                ))
+            hidden = out.hidden
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """Free the session on every worker it touched (best effort, concurrently)."""
+        addresses, self.touched = sorted(self.touched), set()
+        await asyncio.gather(*(self._router.workers.close_session(a, self.session_id) for a in addresses))
+
+
+async def close_shielded(session: Session) -> None:
+    """Close even while the request is being cancelled: the close runs to the end in its own task."""
+    task = asyncio.ensure_future(session.close())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        log.info("session %s: cancelled again while closing; the close continues in the background", session.session_id)
+        raise
+
+
+async def generate(
+    router: Router, plan: Plan, tokenizer: ModelTokenizer, session: Session | None = None
+) -> AsyncIterator[Chunk]:
+    """Stream one chunk per generated token; the last chunk has finish_reason and usage.
+
+    Ends on an EOS id, a stop sequence, or max_tokens; CloseSession reaches every hop whatever ends it
+    (the client cancelling, the deadline, an error).
+    """
+    session = session or Session(router, plan)
+    detok = tokenizer.detokenizer(plan.prompt_ids)
+    stops = StopMatcher(plan.stop)
+    eos = plan.version.eos_ids
+    new_ids: Sequence[int] = plan.prompt_ids
+    try:
+        for index in range(plan.max_tokens):
+            token_id, logprob = await session.step(new_ids, index)
+            finish = None
+            if token_id in eos:
+                text, stopped = stops.feed(detok.flush())  # the EOS token itself adds no text
+                text += stops.flush()
+                finish = "stop"
+            else:
+                text, stopped = stops.feed(detok.add(token_id))
+                if stopped:
+                    finish = "stop"
+                elif index == plan.max_tokens - 1:
+                    tail, stopped = stops.feed(detok.flush())
+                    text += tail + stops.flush()
+                    finish = "stop" if stopped else "length"
+            if finish is None:
+                yield Chunk(text, token_id, logprob, index)
+                new_ids = (token_id,)
+                continue
+            yield Chunk(text, token_id, logprob, index, finish, len(plan.prompt_ids), index + 1)
+            return
+    finally:
+        await close_shielded(session)
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+
+def micro_batches(lengths: Sequence[int], hidden_size: int, budget_bytes: int = EMBED_BATCH_BYTES) -> list[range]:
+    """Consecutive groups of texts whose padded (B, T, hidden) float32 activations fit the budget."""
+    per_token = 4 * max(hidden_size, 1)
+    groups: list[range] = []
+    start, longest = 0, 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        if i > start and (i - start + 1) * grown * per_token > budget_bytes:
+            groups.append(range(start, i))
+            start, grown = i, n
+        longest = grown
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
+
+
+async def embed(
+    router: Router, version: VersionInfo, tokenizer: ModelTokenizer, texts: Sequence[str], deadline: float
+) -> Embeddings:
+    """Tokenize (truncated to the model's context), pad to the longest of each micro-batch, run the route."""
+    encodings = tokenizer.encode_batch(texts)
+    for i, ids in enumerate(encodings):
+        if not ids:
+            raise InvalidArgument(f"texts[{i}] tokenized to no tokens; send text the model's tokenizer can encode")
+    vectors = []
+    for group in micro_batches([len(e) for e in encodings], version.hidden_size):
+        rows = [encodings[i] for i in group]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        vectors.append(await _encode_batch(router, version, ids, mask, deadline))
+    return Embeddings(vectors=np.concatenate(vectors), prompt_tokens=sum(len(e) for e in encodings))
+
+
+async def _encode_batch(
+    router: Router, version: VersionInfo, ids: np.ndarray, mask: np.ndarray, deadline: float
+) -> np.ndarray:
+    """One (B, T) batch through the encoder's stages; encoders keep no state, so a retry just re-runs it."""
+    failover = Failover(router, version, deadline)
+    while True:
+        route = await failover.route()
+        try:
+            return await _encoder_hops(router, route, ids, mask, deadline)
+        except _HopFailed as failure:
+            await failover.hop_failed(failure)
+
+
+async def _encoder_hops(
+    router: Router, route: Route, ids: np.ndarray, mask: np.ndarray, deadline: float
+) -> np.ndarray:
+    hidden = None
+    last = len(route.hops) - 1
+    for i, hop in enumerate(route.hops):
+        timeout = remaining(deadline, f"embedding on worker {hop.worker_id}")
+        try:
+            out = await router.workers.forward_encoder(
+                route, hop, tokens=ids if i == 0 else None, hidden=hidden, attention_mask=mask, timeout=timeout
+            )
+        except RETRYABLE as err:
+            raise _HopFailed(hop, err) from None
+        if i == last and out.embeddings is not None:
+            if out.embeddings.shape[0] != ids.shape[0]:
+                raise Unavailable(
+                    f"worker {hop.worker_id} returned {out.embeddings.shape[0]} embeddings for {ids.shape[0]} texts"
+                )
+            return out.embeddings
+        if i == last or out.hidden is None:
+            raise _HopFailed(hop, Aborted(
+                f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
+                f"{len(route.hops)}; the route is stale"
+            ))
+        hidden = out.hidden
+    raise AssertionError("unreachable")

@@ -1,0 +1,330 @@
+"""Our small classes over the Registry, Scheduler and Worker stubs.
+
+One persistent channel per address. Failed calls become domain errors that keep the downstream status
+code and message; a service that cannot be reached becomes UNAVAILABLE naming it. Resolved versions
+and routes are cached briefly; a route is dropped at once when a hop fails or its epoch is stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from modelgrid.channel import aio_channel
+from modelgrid.errors import DeadlineExceeded, ModelGridError, Unavailable, from_code
+from modelgrid.v1 import (
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from services.gateway import convert
+from services.gateway.domain import Hop, Route, Sampling, VersionInfo
+
+log = logging.getLogger(__name__)
+
+# Substrings of grpc's details when the peer could not be reached at all (as opposed to a service
+# that answered UNAVAILABLE itself, e.g. "model not placed yet").
+_UNREACHABLE = (
+    "failed to connect",
+    "connection refused",
+    "connect failed",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "dns resolution failed",
+    "unavailable to connect",
+    "no route to host",
+    "endpoint closed",
+)
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def downstream_error(service: str, address: str, err: grpc.aio.AioRpcError) -> ModelGridError:
+    """The domain error for a failed downstream call: same code and message, or UNAVAILABLE naming the service."""
+    code = err.code()
+    details = err.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE and any(m in details.lower() for m in _UNREACHABLE):
+        return Unavailable(f"{service} at {address} is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{service} at {address} did not answer before the request's deadline")
+    if code == grpc.StatusCode.CANCELLED:
+        # we did not cancel it (our own cancellation arrives as asyncio.CancelledError): the peer is going away
+        return Unavailable(f"{service} at {address} cancelled the call: {details}")
+    return from_code(code.name, details)
+
+
+class Channels:
+    """One persistent channel per address, created on first use."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = aio_channel(address)
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+
+class _Client:
+    """Calls one service, turning AioRpcError into domain errors."""
+
+    service = "service"
+
+    def __init__(self, channels: Channels, address: str, stub_cls: Callable[[grpc.aio.Channel], Any]) -> None:
+        self.address = address
+        self._stub = stub_cls(channels.get(address))
+
+    async def _unary(self, method: str, request: Any, timeout: float | None = DEFAULT_TIMEOUT_S) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error(self.service, self.address, err) from None
+
+
+class RegistryClient(_Client):
+    service = "registry"
+
+    def __init__(self, channels: Channels, address: str) -> None:
+        super().__init__(channels, address, registry_pb2_grpc.RegistryStub)
+
+    async def resolve_version(self, model: str, version: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> VersionInfo:
+        reply = await self._unary(
+            "ResolveVersion", registry_pb2.ResolveVersionRequest(model=model, version=version), timeout
+        )
+        return convert.version_from_proto(reply)
+
+    async def fetch_file(self, model: str, version: str, path: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> bytes:
+        """A whole file of a version, reassembled from its chunks."""
+        request = registry_pb2.FetchFileRequest(model=model, version=version, path=path)
+        buf = bytearray()
+        try:
+            async for chunk in self._stub.FetchFile(request, timeout=timeout):
+                end = chunk.offset + len(chunk.data)
+                if len(buf) < end:
+                    buf.extend(b"\0" * (end - len(buf)))
+                buf[chunk.offset : end] = chunk.data
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error(self.service, self.address, err) from None
+        return bytes(buf)
+
+    async def list_models(self, request: common_pb2.ListModelsRequest, timeout: float | None) -> Any:
+        return await self._unary("ListModels", request, timeout)
+
+    async def get_model(self, request: common_pb2.GetModelRequest, timeout: float | None) -> Any:
+        return await self._unary("GetModel", request, timeout)
+
+    async def set_alias(self, request: common_pb2.SetAliasRequest, timeout: float | None) -> Any:
+        return await self._unary("SetAlias", request, timeout)
+
+    async def set_replicas(self, request: common_pb2.SetReplicasRequest, timeout: float | None) -> Any:
+        return await self._unary("SetReplicas", request, timeout)
+
+    async def upload_version(self, chunks: AsyncIterator[common_pb2.UploadVersionChunk], timeout: float | None) -> Any:
+        """Streams the client's upload on to the registry as it arrives."""
+        try:
+            return await self._stub.UploadVersion(chunks, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error(self.service, self.address, err) from None
+
+
+class SchedulerClient(_Client):
+    service = "scheduler"
+
+    def __init__(self, channels: Channels, address: str) -> None:
+        super().__init__(channels, address, scheduler_pb2_grpc.SchedulerStub)
+
+    async def get_route(
+        self, model: str, version: str, exclude: Sequence[str] = (), timeout: float | None = DEFAULT_TIMEOUT_S
+    ) -> Route:
+        request = scheduler_pb2.GetRouteRequest(model=model, version=version, exclude_workers=list(exclude))
+        route = convert.route_from_proto(await self._unary("GetRoute", request, timeout))
+        if not route.hops:
+            raise Unavailable(f"the scheduler returned an empty route for {model} {version}")
+        return route
+
+    async def report_failure(self, worker_id: str, reason: str, timeout: float = 5.0) -> None:
+        """Best effort: the scheduler checks the worker and re-places its stages if it is gone."""
+        try:
+            request = scheduler_pb2.ReportFailureRequest(worker_id=worker_id, reason=reason)
+            await self._unary("ReportFailure", request, timeout)
+        except ModelGridError as err:
+            log.warning("could not report the failure of worker %s to the scheduler: %s", worker_id, err.message)
+
+    async def reconcile(self, timeout: float | None) -> Any:
+        return await self._unary("Reconcile", scheduler_pb2.ReconcileRequest(), timeout)
+
+    async def list_workers(self, request: common_pb2.ListWorkersRequest, timeout: float | None) -> Any:
+        return await self._unary("ListWorkers", request, timeout)
+
+    async def get_placement(self, request: common_pb2.GetPlacementRequest, timeout: float | None) -> Any:
+        return await self._unary("GetPlacement", request, timeout)
+
+
+@dataclass(frozen=True)
+class HopOutput:
+    """What one Forward returned: exactly one field is set."""
+
+    hidden: Any = None  # opaque wire tensor for the next hop (common.Tensor); never decoded here
+    token: tuple[int, float] | None = None  # last decoder stage: (token id, logprob)
+    embeddings: np.ndarray | None = None  # last encoder stage: (B, hidden) float32
+
+
+class Workers:
+    """Forward and CloseSession on any worker, over one persistent channel per worker address."""
+
+    def __init__(self, channels: Channels) -> None:
+        self._channels = channels
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        return worker_pb2_grpc.WorkerStub(self._channels.get(address))
+
+    async def forward_decoder(
+        self,
+        route: Route,
+        hop: Hop,
+        session_id: str,
+        *,
+        tokens: Sequence[int] | None,
+        hidden: Any,
+        position: int,
+        reset: bool,
+        sampling: Sampling,
+        step: int,
+        max_session_tokens: int,
+        timeout: float,
+    ) -> HopOutput:
+        request = worker_pb2.ForwardRequest(
+            session_id=session_id,
+            model=route.model,
+            version=route.version,
+            start_layer=hop.start_layer,
+            end_layer=hop.end_layer,
+            epoch=route.epoch,
+            position=position,
+            reset=reset,
+            step=step,
+            max_session_tokens=max_session_tokens,
+            sampling=common_pb2.SamplingParams(
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed
+            ),
+        )
+        if tokens is not None:
+            request.tokens.ids.extend(tokens)
+        else:
+            request.hidden.CopyFrom(hidden)
+        return await self._forward(hop, request, timeout)
+
+    async def forward_encoder(
+        self,
+        route: Route,
+        hop: Hop,
+        *,
+        tokens: np.ndarray | None,
+        hidden: Any,
+        attention_mask: np.ndarray,
+        timeout: float,
+    ) -> HopOutput:
+        """tokens: (B, T) ids for the first hop; hidden: the previous hop's output for the others."""
+        request = worker_pb2.ForwardRequest(
+            model=route.model,
+            version=route.version,
+            start_layer=hop.start_layer,
+            end_layer=hop.end_layer,
+            epoch=route.epoch,
+            attention_mask=convert.int_tensor(attention_mask),
+        )
+        if tokens is not None:
+            request.tokens.ids.extend(int(i) for i in tokens.reshape(-1))
+            request.tokens_shape.extend(tokens.shape)
+        else:
+            request.hidden.CopyFrom(hidden)
+        return await self._forward(hop, request, timeout)
+
+    async def _forward(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> HopOutput:
+        try:
+            reply = await self._stub(hop.address).Forward(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error(f"worker {hop.worker_id}", hop.address, err) from None
+        which = reply.WhichOneof("output")
+        if which == "hidden":
+            return HopOutput(hidden=reply.hidden)
+        if which == "token":
+            return HopOutput(token=(reply.token.token_id, reply.token.logprob))
+        if which == "embeddings":
+            return HopOutput(embeddings=convert.tensor_to_numpy(reply.embeddings, f"embeddings from {hop.worker_id}"))
+        raise Unavailable(f"worker {hop.worker_id} at {hop.address} answered Forward with no output")
+
+    async def close_session(self, address: str, session_id: str, timeout: float = 5.0) -> None:
+        """Best effort (idempotent on the worker; a dead worker has freed it anyway)."""
+        try:
+            request = worker_pb2.CloseSessionRequest(session_id=session_id)
+            await self._stub(address).CloseSession(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            log.info("CloseSession %s on %s failed: %s %s", session_id, address, err.code().name, err.details())
+
+
+class VersionCache:
+    """(model, version-or-alias) -> VersionInfo for ttl_s seconds, so an alias moves within ttl_s."""
+
+    def __init__(self, registry: RegistryClient, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._registry = registry
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._entries: dict[tuple[str, str], tuple[float, VersionInfo]] = {}
+
+    async def resolve(self, model: str, version: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> VersionInfo:
+        key = (model, version)
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        info = await self._registry.resolve_version(model, version, timeout)
+        if self._ttl_s > 0:
+            if len(self._entries) > 1024:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            self._entries[key] = (now + self._ttl_s, info)
+        return info
+
+
+class RouteCache:
+    """Route per concrete version for ttl_s seconds; dropped on a failure or a stale epoch."""
+
+    def __init__(self, scheduler: SchedulerClient, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._scheduler = scheduler
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._routes: dict[tuple[str, str], tuple[float, Route]] = {}
+
+    async def get(self, model: str, version: str, exclude: Sequence[str] = (), timeout: float | None = None) -> Route:
+        key = (model, version)
+        entry = self._routes.get(key)
+        if entry is not None and entry[0] > self._clock() and not set(exclude) & set(entry[1].worker_ids):
+            return entry[1]
+        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        route = await self._scheduler.get_route(model, version, exclude, timeout)
+        current = self._routes.get(key)
+        if self._ttl_s > 0 and (current is None or route.epoch >= current[1].epoch or current[0] <= self._clock()):
+            self._routes[key] = (self._clock() + self._ttl_s, route)
+        return route
+
+    def invalidate(self, route: Route) -> None:
+        """Forget the cached route of route's version if it is this route (or an older epoch)."""
+        key = (route.model, route.version)
+        entry = self._routes.get(key)
+        if entry is not None and (entry[1] == route or entry[1].epoch <= route.epoch):
+            del self._routes[key]
