@@ -1,0 +1,163 @@
+"""asyncio client of the ModelGrid gateway: the twin of modelgrid.Client on grpc.aio.
+
+    async with modelgrid.AsyncClient("localhost:50051") as client:
+        async for chunk in client.generate("demo", prompt="hello", max_tokens=8):
+            print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import grpc
+
+from modelgrid import convert, types
+from modelgrid.channel import aio_channel
+from modelgrid.client import resolve_address
+from modelgrid.upload import ProgressFn, aiter_upload_chunks, plan_upload
+from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+class AsyncClient:
+    """A persistent grpc.aio channel to one gateway, opened on first use inside the running loop.
+
+    Use it from one event loop; `await close()` (or `async with`) when done.
+    """
+
+    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_instance: gateway_pb2_grpc.GatewayStub | None = None
+
+    @property
+    def _stub(self) -> gateway_pb2_grpc.GatewayStub:
+        if self._stub_instance is None:
+            self._channel = aio_channel(self.address)
+            self._stub_instance = gateway_pb2_grpc.GatewayStub(self._channel)
+        return self._stub_instance
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub_instance = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"modelgrid.AsyncClient({self.address!r})"
+
+    async def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise convert.error_from_rpc(err, self.address) from err
+
+    # -- inference ---------------------------------------------------------------------------
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        version: str | None = None,
+    ) -> AsyncIterator[types.GenerateChunk]:
+        """Stream generated tokens (`async for`). Arguments are checked now, before any network call;
+        leaving the loop early cancels the generation on the server."""
+        request = convert.generate_request(
+            model, prompt, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop, version
+        )
+        return self._stream(request)
+
+    async def _stream(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[types.GenerateChunk]:
+        call = self._stub.Generate(request, timeout=self.timeout)
+        try:
+            async for message in call:
+                yield convert.chunk_from_proto(message)
+        except grpc.RpcError as err:
+            raise convert.error_from_rpc(err, self.address) from err
+        finally:
+            call.cancel()
+
+    async def generate_text(self, model: str, prompt: str | None = None, **kwargs: Any) -> types.Completion:
+        """generate(), collected into one Completion (text, token_ids, finish_reason, usage)."""
+        builder = convert.CompletionBuilder()
+        async for chunk in self.generate(model, prompt, **kwargs):
+            builder.add(chunk)
+        return builder.build()
+
+    async def embed(self, model: str, texts: Sequence[str], version: str | None = None) -> list[list[float]]:
+        reply = await self._unary(self._stub.Embed, convert.embed_request(model, texts, version))
+        return convert.embeddings_from_proto(reply)
+
+    # -- models ------------------------------------------------------------------------------
+    async def list_models(self) -> list[types.ModelInfo]:
+        reply = await self._unary(self._stub.ListModels, common_pb2.ListModelsRequest())
+        return [convert.model_from_proto(m) for m in reply.models]
+
+    async def get_model(self, name: str) -> types.ModelInfo:
+        reply = await self._unary(self._stub.GetModel, common_pb2.GetModelRequest(name=name))
+        return convert.model_from_proto(reply)
+
+    async def register(
+        self,
+        directory: str | Path,
+        name: str,
+        aliases: Sequence[str] = (),
+        replicas: int = 0,
+        stages: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> types.VersionInfo:
+        """Upload a checkpoint directory as a new version of `name`; see Client.register."""
+        convert.check_register_args(name, replicas, stages)
+        plan = await asyncio.to_thread(plan_upload, directory)  # hashing is slow: off the event loop
+        failure: list[BaseException] = []
+
+        async def messages() -> AsyncIterator[common_pb2.UploadVersionChunk]:
+            try:
+                async for message in aiter_upload_chunks(plan, name, aliases, replicas, stages,
+                                                         on_progress=progress):
+                    yield message
+            except BaseException as exc:
+                failure.append(exc)
+                raise
+
+        call = self._stub.RegisterModel(messages(), timeout=self.timeout)
+        try:
+            reply = await call
+        except grpc.RpcError as err:
+            if failure:
+                raise failure[0] from err
+            raise convert.error_from_rpc(err, self.address) from err
+        if failure:
+            raise failure[0]
+        return convert.version_from_proto(reply)
+
+    async def set_alias(self, name: str, alias: str, version: str) -> types.VersionInfo:
+        request = common_pb2.SetAliasRequest(model=name, alias=alias, version=version)
+        return convert.version_from_proto(await self._unary(self._stub.SetAlias, request))
+
+    async def set_replicas(self, name: str, replicas: int) -> types.ModelInfo:
+        request = common_pb2.SetReplicasRequest(model=name, replicas=replicas)
+        return convert.model_from_proto(await self._unary(self._stub.SetReplicas, request))
+
+    # -- cluster -----------------------------------------------------------------------------
+    async def placement(self, name: str, version: str | None = None) -> types.Placement:
+        request = common_pb2.GetPlacementRequest(model=name, version=version or "")
+        return convert.placement_from_proto(await self._unary(self._stub.GetPlacement, request))
+
+    async def workers(self) -> list[types.WorkerInfo]:
+        reply = await self._unary(self._stub.ListWorkers, common_pb2.ListWorkersRequest())
+        return [convert.worker_from_proto(w) for w in reply.workers]

@@ -1,0 +1,169 @@
+"""Blocking Python client of the ModelGrid gateway.
+
+    with modelgrid.Client("localhost:50051") as client:
+        for chunk in client.generate("demo", prompt="hello", max_tokens=8):
+            print(chunk.text, end="", flush=True)
+
+Failed calls raise modelgrid.errors classes (NotFound, InvalidArgument, Unavailable, ...) carrying
+the server's message; nothing grpc-specific leaks out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+
+from modelgrid import convert, types
+from modelgrid.channel import sync_channel
+from modelgrid.upload import ProgressFn, iter_upload_chunks, plan_upload
+from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+ADDRESS_ENV = "MODELGRID_GATEWAY"
+
+
+def resolve_address(address: str | None) -> str:
+    """address, else $MODELGRID_GATEWAY, else localhost:50051."""
+    return address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+class Client:
+    """A persistent channel to one gateway. Thread-safe; close() it (or use `with`) when done.
+
+    timeout is the deadline in seconds of every call (for generate: of the whole stream); None = no deadline.
+    """
+
+    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self._channel = sync_channel(self.address)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"modelgrid.Client({self.address!r})"
+
+    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise convert.error_from_rpc(err, self.address) from err
+
+    # -- inference ---------------------------------------------------------------------------
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        version: str | None = None,
+    ) -> Iterator[types.GenerateChunk]:
+        """Stream generated tokens. Pass exactly one of prompt (text) or prompt_ids.
+
+        Arguments are checked now; the call starts when iteration does. Leaving the loop early
+        cancels the generation on the server.
+        """
+        request = convert.generate_request(
+            model, prompt, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop, version
+        )
+        return self._stream(request)
+
+    def _stream(self, request: gateway_pb2.GenerateRequest) -> Iterator[types.GenerateChunk]:
+        call = self._stub.Generate(request, timeout=self.timeout)
+        try:
+            for message in call:
+                yield convert.chunk_from_proto(message)
+        except grpc.RpcError as err:
+            raise convert.error_from_rpc(err, self.address) from err
+        finally:
+            call.cancel()
+
+    def generate_text(self, model: str, prompt: str | None = None, **kwargs: Any) -> types.Completion:
+        """generate(), collected into one Completion (text, token_ids, finish_reason, usage)."""
+        builder = convert.CompletionBuilder()
+        for chunk in self.generate(model, prompt, **kwargs):
+            builder.add(chunk)
+        return builder.build()
+
+    def embed(self, model: str, texts: Sequence[str], version: str | None = None) -> list[list[float]]:
+        """One normalised embedding per text, from an encoder model."""
+        reply = self._unary(self._stub.Embed, convert.embed_request(model, texts, version))
+        return convert.embeddings_from_proto(reply)
+
+    # -- models ------------------------------------------------------------------------------
+    def list_models(self) -> list[types.ModelInfo]:
+        reply = self._unary(self._stub.ListModels, common_pb2.ListModelsRequest())
+        return [convert.model_from_proto(m) for m in reply.models]
+
+    def get_model(self, name: str) -> types.ModelInfo:
+        return convert.model_from_proto(self._unary(self._stub.GetModel, common_pb2.GetModelRequest(name=name)))
+
+    def register(
+        self,
+        directory: str | Path,
+        name: str,
+        aliases: Sequence[str] = (),
+        replicas: int = 0,
+        stages: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> types.VersionInfo:
+        """Upload a Hugging Face checkpoint directory as a new version of model `name` and place it.
+
+        replicas / stages 0 keep the model's current values (1 replica, automatic stages for a new
+        model). progress(sent_bytes, total_bytes) is called as the upload goes (from a gRPC thread).
+        """
+        convert.check_register_args(name, replicas, stages)
+        plan = plan_upload(directory)
+        failure: list[BaseException] = []
+
+        def messages() -> Iterator[common_pb2.UploadVersionChunk]:
+            # gRPC reads this in its own thread and swallows exceptions; keep them to re-raise here.
+            try:
+                yield from iter_upload_chunks(plan, name, aliases, replicas, stages, on_progress=progress)
+            except BaseException as exc:
+                failure.append(exc)
+                raise
+
+        try:
+            reply = self._stub.RegisterModel(messages(), timeout=self.timeout)
+        except grpc.RpcError as err:
+            if failure:
+                raise failure[0] from err
+            raise convert.error_from_rpc(err, self.address) from err
+        return convert.version_from_proto(reply)
+
+    def set_alias(self, name: str, alias: str, version: str) -> types.VersionInfo:
+        """Point alias at version (or at what another alias points at)."""
+        request = common_pb2.SetAliasRequest(model=name, alias=alias, version=version)
+        return convert.version_from_proto(self._unary(self._stub.SetAlias, request))
+
+    def set_replicas(self, name: str, replicas: int) -> types.ModelInfo:
+        request = common_pb2.SetReplicasRequest(model=name, replicas=replicas)
+        return convert.model_from_proto(self._unary(self._stub.SetReplicas, request))
+
+    # -- cluster -----------------------------------------------------------------------------
+    def placement(self, name: str, version: str | None = None) -> types.Placement:
+        """Where the stages of a version (default: latest) run, and whether they are ready."""
+        request = common_pb2.GetPlacementRequest(model=name, version=version or "")
+        return convert.placement_from_proto(self._unary(self._stub.GetPlacement, request))
+
+    def workers(self) -> list[types.WorkerInfo]:
+        reply = self._unary(self._stub.ListWorkers, common_pb2.ListWorkersRequest())
+        return [convert.worker_from_proto(w) for w in reply.workers]
