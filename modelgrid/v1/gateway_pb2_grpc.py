@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """The public API.
+    """The public API. Every call except grpc.health.v1 needs the metadata `authorization: Bearer <API key>`
+    (unless the gateway runs with --auth disabled): UNAUTHENTICATED without a valid key, PERMISSION_DENIED
+    for a user key on an admin call, RESOURCE_EXHAUSTED over a limit (trailing metadata `retry-after-s`).
+    A client may send `x-request-id`; the gateway makes one otherwise and returns it in the initial
+    metadata, and every service logs it with the lines of that request.
     """
 
     def __init__(self, channel):
@@ -81,10 +85,39 @@ class GatewayStub:
                 request_serializer=modelgrid_dot_v1_dot_common__pb2.GetPlacementRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_common__pb2.Placement.FromString,
                 _registered_method=True)
+        self.ListPlacements = channel.unary_unary(
+                '/modelgrid.v1.Gateway/ListPlacements',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.ListPlacementsRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.ListPlacementsResponse.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/modelgrid.v1.Gateway/CreateKey',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/modelgrid.v1.Gateway/ListKeys',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/modelgrid.v1.Gateway/RevokeKey',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/modelgrid.v1.Gateway/GetStats',
+                request_serializer=modelgrid_dot_v1_dot_gateway__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_gateway__pb2.GatewayStats.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
-    """The public API.
+    """The public API. Every call except grpc.health.v1 needs the metadata `authorization: Bearer <API key>`
+    (unless the gateway runs with --auth disabled): UNAUTHENTICATED without a valid key, PERMISSION_DENIED
+    for a user key on an admin call, RESOURCE_EXHAUSTED over a limit (trailing metadata `retry-after-s`).
+    A client may send `x-request-id`; the gateway makes one otherwise and returns it in the initial
+    metadata, and every service logs it with the lines of that request.
     """
 
     def Generate(self, request, context):
@@ -133,13 +166,48 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Admin: the workers, their devices, memory and stages.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPlacement(self, request, context):
+        """Where a version's stages run. Non-admin keys see the stages and readiness without worker addresses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlacements(self, request, context):
+        """Admin: every placement the scheduler holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """Admin: API keys (proxied to the registry). The created key's secret is returned once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Admin: this gateway's recent traffic (for `modelgrid status`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -192,6 +260,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=modelgrid_dot_v1_dot_common__pb2.GetPlacementRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_common__pb2.Placement.SerializeToString,
             ),
+            'ListPlacements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlacements,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.ListPlacementsRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.ListPlacementsResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.ListKeysRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.ApiKey.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=modelgrid_dot_v1_dot_gateway__pb2.GetStatsRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_gateway__pb2.GatewayStats.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'modelgrid.v1.Gateway', rpc_method_handlers)
@@ -201,7 +294,11 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """The public API.
+    """The public API. Every call except grpc.health.v1 needs the metadata `authorization: Bearer <API key>`
+    (unless the gateway runs with --auth disabled): UNAUTHENTICATED without a valid key, PERMISSION_DENIED
+    for a user key on an admin call, RESOURCE_EXHAUSTED over a limit (trailing metadata `retry-after-s`).
+    A client may send `x-request-id`; the gateway makes one otherwise and returns it in the initial
+    metadata, and every service logs it with the lines of that request.
     """
 
     @staticmethod
@@ -437,6 +534,141 @@ class Gateway:
             '/modelgrid.v1.Gateway/GetPlacement',
             modelgrid_dot_v1_dot_common__pb2.GetPlacementRequest.SerializeToString,
             modelgrid_dot_v1_dot_common__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlacements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/ListPlacements',
+            modelgrid_dot_v1_dot_common__pb2.ListPlacementsRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.ListPlacementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/CreateKey',
+            modelgrid_dot_v1_dot_common__pb2.CreateKeyRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/ListKeys',
+            modelgrid_dot_v1_dot_common__pb2.ListKeysRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/RevokeKey',
+            modelgrid_dot_v1_dot_common__pb2.RevokeKeyRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/GetStats',
+            modelgrid_dot_v1_dot_gateway__pb2.GetStatsRequest.SerializeToString,
+            modelgrid_dot_v1_dot_gateway__pb2.GatewayStats.FromString,
             options,
             channel_credentials,
             insecure,

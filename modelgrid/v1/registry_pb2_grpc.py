@@ -81,6 +81,26 @@ class RegistryStub:
                 request_serializer=modelgrid_dot_v1_dot_registry__pb2.FetchFileRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/modelgrid.v1.Registry/CreateKey',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/modelgrid.v1.Registry/ListKeys',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/modelgrid.v1.Registry/RevokeKey',
+                request_serializer=modelgrid_dot_v1_dot_common__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.VerifyKey = channel.unary_unary(
+                '/modelgrid.v1.Registry/VerifyKey',
+                request_serializer=modelgrid_dot_v1_dot_registry__pb2.VerifyKeyRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_common__pb2.ApiKey.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -149,6 +169,33 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """API keys (the gateway proxies the first three for admins). ALREADY_EXISTS for a taken name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """NOT_FOUND for an unknown name or id; revoking a revoked key returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyKey(self, request, context):
+        """The key a secret belongs to; UNAUTHENTICATED when the secret is unknown or revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +243,26 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.FetchFile,
                     request_deserializer=modelgrid_dot_v1_dot_registry__pb2.FetchFileRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.ListKeysRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=modelgrid_dot_v1_dot_common__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.ApiKey.SerializeToString,
+            ),
+            'VerifyKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyKey,
+                    request_deserializer=modelgrid_dot_v1_dot_registry__pb2.VerifyKeyRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_common__pb2.ApiKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +509,114 @@ class Registry:
             '/modelgrid.v1.Registry/FetchFile',
             modelgrid_dot_v1_dot_registry__pb2.FetchFileRequest.SerializeToString,
             modelgrid_dot_v1_dot_common__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Registry/CreateKey',
+            modelgrid_dot_v1_dot_common__pb2.CreateKeyRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Registry/ListKeys',
+            modelgrid_dot_v1_dot_common__pb2.ListKeysRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Registry/RevokeKey',
+            modelgrid_dot_v1_dot_common__pb2.RevokeKeyRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Registry/VerifyKey',
+            modelgrid_dot_v1_dot_registry__pb2.VerifyKeyRequest.SerializeToString,
+            modelgrid_dot_v1_dot_common__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,
