@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 import grpc
 
-from modelgrid import convert, types
+from modelgrid import admin, convert, types
 from modelgrid.channel import aio_channel
 from modelgrid.client import resolve_address
 from modelgrid.upload import ProgressFn, aiter_upload_chunks, plan_upload
@@ -26,9 +26,10 @@ class AsyncClient:
     Use it from one event loop; `await close()` (or `async with`) when done.
     """
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float | None = None, api_key: str | None = None) -> None:
         self.address = resolve_address(address)
         self.timeout = timeout
+        self._metadata = admin.auth_metadata(admin.resolve_api_key(api_key))
         self._channel: grpc.aio.Channel | None = None
         self._stub_instance: gateway_pb2_grpc.GatewayStub | None = None
 
@@ -56,7 +57,7 @@ class AsyncClient:
 
     async def _unary(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise convert.error_from_rpc(err, self.address) from err
 
@@ -82,7 +83,7 @@ class AsyncClient:
         return self._stream(request)
 
     async def _stream(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[types.GenerateChunk]:
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield convert.chunk_from_proto(message)
@@ -134,7 +135,7 @@ class AsyncClient:
                 failure.append(exc)
                 raise
 
-        call = self._stub.RegisterModel(messages(), timeout=self.timeout)
+        call = self._stub.RegisterModel(messages(), timeout=self.timeout, metadata=self._metadata)
         try:
             reply = await call
         except grpc.RpcError as err:
@@ -161,3 +162,25 @@ class AsyncClient:
     async def workers(self) -> list[types.WorkerInfo]:
         reply = await self._unary(self._stub.ListWorkers, common_pb2.ListWorkersRequest())
         return [convert.worker_from_proto(w) for w in reply.workers]
+
+    async def placements(self) -> list[types.Placement]:
+        reply = await self._unary(self._stub.ListPlacements, common_pb2.ListPlacementsRequest())
+        return [convert.placement_from_proto(p) for p in reply.placements]
+
+    async def stats(self) -> admin.GatewayStats:
+        return admin.stats_from_proto(await self._unary(self._stub.GetStats, gateway_pb2.GetStatsRequest()))
+
+    # -- API keys (admin) --------------------------------------------------------------------
+    async def create_key(
+        self, name: str, admin_key: bool = False, requests_per_minute: int = 0, tokens_per_minute: int = 0,
+        max_streams: int = 0,
+    ) -> admin.CreatedKey:
+        request = admin.create_key_request(name, admin_key, requests_per_minute, tokens_per_minute, max_streams)
+        return admin.created_from_proto(await self._unary(self._stub.CreateKey, request))
+
+    async def list_keys(self, include_revoked: bool = False) -> list[admin.ApiKeyInfo]:
+        reply = await self._unary(self._stub.ListKeys, common_pb2.ListKeysRequest(include_revoked=include_revoked))
+        return [admin.key_from_proto(k) for k in reply.keys]
+
+    async def revoke_key(self, key: str) -> admin.ApiKeyInfo:
+        return admin.key_from_proto(await self._unary(self._stub.RevokeKey, common_pb2.RevokeKeyRequest(key=key)))

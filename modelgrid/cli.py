@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from modelgrid import types
+from modelgrid.cli_admin import add_admin_commands, add_key_argument, find_api_key
 from modelgrid.client import ADDRESS_ENV, DEFAULT_ADDRESS, Client
 from modelgrid.convert import CompletionBuilder
 from modelgrid.errors import ModelGridError
@@ -62,6 +63,11 @@ def port_number(text: str) -> int:
     return value
 
 
+def http_port_number(text: str) -> int:
+    """A port, or -1 (off)."""
+    return -1 if text.strip() == "-1" else port_number(text)
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -78,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"gateway address (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
     )
     client.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline of the call in seconds")
+    add_key_argument(client)
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     up = sub.add_parser("up", help="start the whole platform locally (Redis, registry, scheduler, gateway, workers)")
     up.add_argument("--workers", type=_int_at_least(1), default=2, help="number of workers (default 2)")
     up.add_argument("--port", type=port_number, default=50051, help="gateway port (default 50051)")
+    up.add_argument("--http-port", type=http_port_number, default=8000,
+                    help="port of the gateway's OpenAI-compatible HTTP API (default 8000; -1 disables it)")
     up.add_argument("--host", default="127.0.0.1", help="interface the gateway listens on (default 127.0.0.1)")
     up.add_argument(
         "--data-dir", default=None,
@@ -92,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     up.add_argument("--db-url", default=None, help="registry database URL (default: SQLite in the data dir)")
     up.add_argument("--demo", action="store_true", help="register a small random llama model as 'demo'")
+    up.add_argument("--api-key", default=None, metavar="KEY",
+                    help="the first admin API key (default: the data dir's api-key file, else a new key, printed "
+                         "once and saved there with mode 0600)")
     up.add_argument("--log-level", default="INFO", help="log level of the services (default INFO)")
     up.add_argument("--start-timeout", type=float, default=180.0, metavar="S",
                     help="seconds to wait for each step of start-up (default 180)")
@@ -148,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     plc.add_argument("--version", default=None, help="version or alias (default latest)")
     plc.set_defaults(func=cmd_placement)
 
+    add_admin_commands(sub, client, as_json, _client)
+
     # Listed for --help only: main() hands `make-checkpoint ...` to modelgrid.model.cli before parsing.
     sub.add_parser("make-checkpoint", help="write a random Hugging Face checkpoint (see make-checkpoint --help)",
                    add_help=False)
@@ -193,7 +207,7 @@ def run_make_checkpoint(rest: list[str]) -> int:
 
 # -- commands ------------------------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.gateway, timeout=args.timeout)
+    return Client(args.gateway, timeout=args.timeout, api_key=find_api_key(args.api_key))
 
 
 def _print_json(value: Any) -> None:
@@ -205,8 +219,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
     return run_up(LaunchOptions(
-        workers=args.workers, port=args.port, host=args.host, data_dir=data_dir, redis_url=args.redis_url,
+        workers=args.workers, port=args.port, http_port=args.http_port, host=args.host, data_dir=data_dir,
+        redis_url=args.redis_url,
         db_url=args.db_url, demo=args.demo, log_level=args.log_level, start_timeout_s=args.start_timeout,
+        api_key=args.api_key,
     ))
 
 

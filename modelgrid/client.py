@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
-from modelgrid import convert, types
+from modelgrid import admin, convert, types
 from modelgrid.channel import sync_channel
 from modelgrid.upload import ProgressFn, iter_upload_chunks, plan_upload
 from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -34,11 +34,13 @@ class Client:
     """A persistent channel to one gateway. Thread-safe; close() it (or use `with`) when done.
 
     timeout is the deadline in seconds of every call (for generate: of the whole stream); None = no deadline.
+    api_key (else $MODELGRID_API_KEY) goes with every call as `authorization: Bearer <key>`.
     """
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float | None = None, api_key: str | None = None) -> None:
         self.address = resolve_address(address)
         self.timeout = timeout
+        self._metadata = admin.auth_metadata(admin.resolve_api_key(api_key))
         self._channel = sync_channel(self.address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
@@ -57,7 +59,7 @@ class Client:
 
     def _unary(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise convert.error_from_rpc(err, self.address) from err
 
@@ -86,7 +88,7 @@ class Client:
         return self._stream(request)
 
     def _stream(self, request: gateway_pb2.GenerateRequest) -> Iterator[types.GenerateChunk]:
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             for message in call:
                 yield convert.chunk_from_proto(message)
@@ -142,7 +144,7 @@ class Client:
                 raise
 
         try:
-            reply = self._stub.RegisterModel(messages(), timeout=self.timeout)
+            reply = self._stub.RegisterModel(messages(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             if failure:
                 raise failure[0] from err
@@ -167,3 +169,29 @@ class Client:
     def workers(self) -> list[types.WorkerInfo]:
         reply = self._unary(self._stub.ListWorkers, common_pb2.ListWorkersRequest())
         return [convert.worker_from_proto(w) for w in reply.workers]
+
+    def placements(self) -> list[types.Placement]:
+        """Every placement the scheduler holds (admin)."""
+        reply = self._unary(self._stub.ListPlacements, common_pb2.ListPlacementsRequest())
+        return [convert.placement_from_proto(p) for p in reply.placements]
+
+    def stats(self) -> admin.GatewayStats:
+        """This gateway's traffic of the last minute (admin)."""
+        return admin.stats_from_proto(self._unary(self._stub.GetStats, gateway_pb2.GetStatsRequest()))
+
+    # -- API keys (admin) --------------------------------------------------------------------
+    def create_key(
+        self, name: str, admin_key: bool = False, requests_per_minute: int = 0, tokens_per_minute: int = 0,
+        max_streams: int = 0,
+    ) -> admin.CreatedKey:
+        """A new key; its secret is in the result only (the platform stores a hash). Limits: 0 = unlimited."""
+        request = admin.create_key_request(name, admin_key, requests_per_minute, tokens_per_minute, max_streams)
+        return admin.created_from_proto(self._unary(self._stub.CreateKey, request))
+
+    def list_keys(self, include_revoked: bool = False) -> list[admin.ApiKeyInfo]:
+        reply = self._unary(self._stub.ListKeys, common_pb2.ListKeysRequest(include_revoked=include_revoked))
+        return [admin.key_from_proto(k) for k in reply.keys]
+
+    def revoke_key(self, key: str) -> admin.ApiKeyInfo:
+        """Revoke a key by name or key id; gateways stop accepting it within seconds."""
+        return admin.key_from_proto(self._unary(self._stub.RevokeKey, common_pb2.RevokeKeyRequest(key=key)))

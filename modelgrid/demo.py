@@ -48,7 +48,7 @@ def ensure_demo(launcher: "Launcher") -> Placement:
         tmp.rename(checkpoint)
         launcher.console.print(f"[green]✓[/] demo checkpoint written to {checkpoint}")
 
-    with Client(launcher.gateway_address, timeout=120.0) as client:
+    with Client(launcher.gateway_address, timeout=120.0, api_key=launcher.api_key) as client:
         try:
             model = client.get_model(DEMO_MODEL)
             launcher.console.print(f"[green]✓[/] demo model already registered ({len(model.versions)} version(s))")

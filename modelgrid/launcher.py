@@ -30,7 +30,10 @@ from rich.table import Table
 
 import modelgrid
 from modelgrid.channel import sync_channel
+from modelgrid.cli_admin import key_file, new_api_key, save_key_file
+from modelgrid.client import Client
 from modelgrid.demo import DEMO_MODEL
+from modelgrid.errors import ModelGridError, Unauthenticated
 _PR_SET_PDEATHSIG = 1
 try:  # resolved before any fork: the child's preexec must not load libraries
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -50,6 +53,7 @@ class Interrupted(Exception):
 class LaunchOptions:
     workers: int = 2
     port: int = 50051
+    http_port: int = 8000  # the gateway's OpenAI-compatible HTTP API; -1 disables it
     host: str = "127.0.0.1"
     data_dir: str = "./modelgrid-data"
     redis_url: str | None = None
@@ -57,6 +61,7 @@ class LaunchOptions:
     demo: bool = False
     log_level: str = "INFO"
     start_timeout_s: float = 180.0
+    api_key: str | None = None  # the first admin key; None: <data dir>/api-key, else a new one (saved there)
     grace_s: float = 5.0  # drain time given to every service on stop (their --grace-s)
 
 
@@ -70,6 +75,7 @@ class Child:
     address: str = ""  # gRPC address polled for health ("" for Redis)
     metrics_port: int = -1
     fatal: bool = True  # the platform cannot run without it
+    env: dict[str, str] = field(default_factory=dict)  # on top of the launcher's environment
     proc: subprocess.Popen | None = None
     log_offset: int = 0
     reported_exit: bool = False
@@ -133,7 +139,10 @@ class Launcher:
         self.stop_requested = False  # set by SIGINT/SIGTERM; a plain flag is all a signal handler may touch
         self.force = False
         self.gateway_address = f"{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{options.port}"
+        self.http_url = f"http://{self.gateway_address.rpartition(':')[0]}:{options.http_port}/v1"
         self._env = _child_env()
+        self.api_key, self._new_key = self._choose_api_key()
+        self._key_path = key_file(self.data_dir)
 
     # -- entry -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -148,6 +157,7 @@ class Launcher:
         code = 0
         try:
             self._start_all()
+            self._check_api_key()
             self._print_table()
             if self.opts.demo:
                 from modelgrid.demo import ensure_demo
@@ -199,7 +209,40 @@ class Launcher:
             )
         if not _port_is_free(self.opts.host, self.opts.port):
             raise StartupError(f"port {self.opts.port} is in use (another gateway?); choose another with --port")
+        if self.opts.http_port != -1 and not _port_is_free(self.opts.host, self.opts.http_port):
+            raise StartupError(f"HTTP port {self.opts.http_port} is in use; choose another with --http-port "
+                               "(or -1 to serve no HTTP API)")
         lock.write_text(f"{os.getpid()}\n")
+
+    # -- API key ---------------------------------------------------------------------------
+    def _choose_api_key(self) -> tuple[str, bool]:
+        """(--api-key, else <data dir>/api-key, else a new key; whether it is new and must be saved)."""
+        if self.opts.api_key:
+            return self.opts.api_key, False
+        try:
+            saved = key_file(self.data_dir).read_text().strip()
+        except OSError:
+            saved = ""
+        return (saved, False) if saved else (new_api_key(), True)
+
+    def _check_api_key(self) -> None:
+        """The registry takes the key as the first admin key only while it has none: stop if it refused it.
+        A new key is saved in <data dir>/api-key as soon as it works (and printed once when ready)."""
+        with Client(self.gateway_address, timeout=30.0, api_key=self.api_key) as client:
+            try:
+                client.list_models()
+            except Unauthenticated as err:
+                which = f"the key in {key_file(self.data_dir)}"
+                if self.opts.api_key or self._new_key:
+                    which = "--api-key" if self.opts.api_key else "a new key"
+                raise StartupError(
+                    f"the registry ({self.opts.db_url or self.data_dir}) already has admin API keys and refused "
+                    f"{which} ({err.message}); pass one of its admin keys with --api-key"
+                ) from None
+            except ModelGridError as err:
+                raise StartupError(f"the gateway at {self.gateway_address} does not answer: {err.message}") from None
+        if self._new_key:
+            self._key_path = save_key_file(self.data_dir, self.api_key)
 
     # -- start -----------------------------------------------------------------------------
     def _service(self, name: str, module: str, port: int, args: list[str], fatal: bool = True) -> Child:
@@ -228,6 +271,7 @@ class Launcher:
         db_url = opts.db_url or f"sqlite:///{self.data_dir / 'registry.db'}"
         registry = self._service("registry", "registry", free_port(),
                                  ["--db-url", db_url, "--data-dir", str(self.data_dir)])
+        registry.env["MODELGRID_BOOTSTRAP_API_KEY"] = self.api_key  # the env, not argv: ps shows argv
         first.append(registry)
         scheduler = self._service("scheduler", "scheduler", free_port(),
                                   ["--redis-url", redis_url, "--registry", registry.address])
@@ -243,6 +287,7 @@ class Launcher:
             ], fatal=False))
         last.append(self._service("gateway", "gateway", opts.port, [
             "--registry", registry.address, "--scheduler", scheduler.address, "--redis-url", redis_url,
+            "--http-port", str(opts.http_port),
         ]))
         if opts.redis_url is not None:
             self._wait_redis(redis_url, None)
@@ -258,7 +303,8 @@ class Launcher:
         child.log_offset = log.tell()
         try:
             child.proc = subprocess.Popen(
-                child.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self._env,
+                child.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**self._env, **child.env},
                 cwd=self.data_dir, start_new_session=True, preexec_fn=_preexec(os.getpid()),
             )
         finally:
@@ -369,7 +415,17 @@ class Launcher:
         self.console.print(f"  modelgrid generate --model {model} --prompt 'hello' --gateway {gw}",
                            soft_wrap=True, highlight=False)
         self.console.print(f"  modelgrid workers --gateway {gw}", soft_wrap=True, highlight=False)
-        self.console.print(f"  python: modelgrid.Client('{gw}')", soft_wrap=True, highlight=False)
+        self.console.print(f"  python: modelgrid.Client('{gw}', api_key=...)", soft_wrap=True, highlight=False)
+        if self._new_key:
+            self._new_key = False
+            self.console.print(f"admin API key (shown once; saved to {self._key_path}, mode 0600):",
+                               highlight=False)
+            print(f"  {self.api_key}", flush=True)
+        if key_file().resolve() != key_file(self.data_dir).resolve():
+            self.console.print(f"  the CLI finds the key with: export MODELGRID_DATA_DIR={self.data_dir} "
+                               "(or pass --api-key / set MODELGRID_API_KEY)", soft_wrap=True, highlight=False)
+        if self.opts.http_port != -1:
+            self.console.print(f"  OpenAI-compatible API: {self.http_url}", soft_wrap=True, highlight=False)
         print(f"ready: gateway at {gw} (Ctrl-C to stop)", flush=True)
 
     def _watch(self) -> int:

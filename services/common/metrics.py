@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
+
+from services.common.interceptors import Around, AroundInterceptor
 
 REQUESTS = Counter(
     "modelgrid_grpc_requests_total", "gRPC requests handled, by method and status code", ["service", "method", "code"]
@@ -38,66 +41,25 @@ def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> st
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(AroundInterceptor):
     """Counts every RPC by method and final status code, and times it."""
 
     def __init__(self, service: str) -> None:
         self.service = service
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        labels = (self.service, method)
+    def around(self, details: grpc.HandlerCallDetails) -> Around:
+        labels = (self.service, details.method.rsplit("/", 1)[-1])
 
-        def record(context: grpc.aio.ServicerContext, start: float, failed: BaseException | None) -> None:
-            LATENCY.labels(*labels).observe(time.perf_counter() - start)
-            REQUESTS.labels(*labels, _code(context, failed)).inc()
+        @asynccontextmanager
+        async def measure(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            start, failed = time.perf_counter(), None
+            try:
+                yield
+            except BaseException as err:
+                failed = err
+                raise
+            finally:
+                LATENCY.labels(*labels).observe(time.perf_counter() - start)
+                REQUESTS.labels(*labels, _code(context, failed)).inc()
 
-        def wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start, failed = time.perf_counter(), None
-                try:
-                    return await behavior(request, context)
-                except BaseException as err:
-                    failed = err
-                    raise
-                finally:
-                    record(context, start, failed)
-
-            return wrapped
-
-        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start, failed = time.perf_counter(), None
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except BaseException as err:
-                    failed = err
-                    raise
-                finally:
-                    record(context, start, failed)
-
-            return wrapped
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+        return measure

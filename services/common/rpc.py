@@ -18,6 +18,11 @@ def _status(err: ModelGridError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
 
+def _trailers(err: ModelGridError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata an error carries (e.g. `retry-after-s` of a rate limit)."""
+    return tuple(getattr(err, "trailing_metadata", ()))
+
+
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an async servicer method (unary or async-generator).
 
@@ -36,7 +41,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                     yield item
             except ModelGridError as err:
                 log.info("%s -> %s: %s", name, err.code, err.message)
-                await context.abort(_status(err), err.message)
+                await context.abort(_status(err), err.message, _trailers(err))
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 raise
             except Exception:
@@ -51,7 +56,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             return await method(self, request, context)
         except ModelGridError as err:
             log.info("%s -> %s: %s", name, err.code, err.message)
-            await context.abort(_status(err), err.message)
+            await context.abort(_status(err), err.message, _trailers(err))
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
         except Exception:

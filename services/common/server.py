@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from modelgrid.channel import GRPC_OPTIONS
 from services.common.metrics import MetricsInterceptor
+from services.common.tracing import TracingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,20 @@ async def create_server(
     service_names: Sequence[str],
     metrics_name: str,
     health_servicer: health.aio.HealthServicer | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    make_request_ids: bool = False,
+    options: Sequence[tuple[str, int]] = (),
 ) -> RunningServer:
     """Build, bind and start a grpc.aio server on listen ("host:port"; port 0 = any free port).
 
     service_names are the fully-qualified names (e.g. "modelgrid.v1.Worker") reported by health and
     reflection. Pass health_servicer to control per-service health yourself (the worker's check
-    touches its device).
+    touches its device). Every call runs inside the request-id interceptor (make_request_ids: invent
+    ids for calls without one; the gateway does), then the metrics interceptor, then `interceptors`
+    (e.g. the gateway's auth). `options` override GRPC_OPTIONS by name.
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MetricsInterceptor(metrics_name)])
+    chain = [TracingInterceptor(metrics_name, make_request_ids), MetricsInterceptor(metrics_name), *interceptors]
+    server = grpc.aio.server(options=[*dict([*GRPC_OPTIONS, *options]).items()], interceptors=chain)
     add_servicers(server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -20,10 +20,15 @@ log = logging.getLogger("services.gateway")
 
 async def run(config: GatewayConfig) -> None:
     running, app = await start_gateway(config)
+
+    async def drain_http() -> None:  # the HTTP API drains alongside the gRPC server
+        app.stop_http()
+
     try:
         # in-flight generations drain first; the downstream channels close after
-        await serve_forever(running, config.grace_s)
+        await serve_forever(running, config.grace_s, on_stop=drain_http)
     finally:
+        await app.stop_http()
         await app.close()
 
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import grpc
 
@@ -18,8 +18,12 @@ from modelgrid.errors import FailedPrecondition, ModelGridError
 from modelgrid.v1 import gateway_pb2_grpc
 from services.common.server import RunningServer, create_server
 from services.gateway import pipeline
+from services.gateway.auth import Authenticator
 from services.gateway.config import GatewayConfig
 from services.gateway.domain import Chunk, Embeddings, Sampling, VersionInfo
+from services.gateway.guard import GuardInterceptor
+from services.gateway.limits import RateLimiter
+from services.gateway.metering import Meter
 from services.gateway.pipeline import Plan, RetryPolicy, Router
 from services.gateway.tokenizers import ModelTokenizer, TokenizerCache
 from services.gateway.upstream import (
@@ -51,6 +55,13 @@ class GatewayApp:
         self.tokenizers = TokenizerCache(self.registry.fetch_file)
         self.router = Router(self.routes, self.scheduler, self.workers, RetryPolicy(max_failovers=config.max_failovers))
         self.limits = Limits(config.default_max_tokens, config.max_tokens_cap, config.max_prompt_tokens)
+        # who may call (auth.py), how much (limits.py), and what it cost (metering.py): see guard.py
+        self.auth = Authenticator(self.registry.verify_key, config.auth, ttl_s=config.auth_cache_s)
+        self.limiter = RateLimiter(
+            config.redis_url, config.rate_window_s, config.max_sessions, lease_s=config.max_request_s + 10.0
+        )
+        self.meter = Meter()
+        self.http: Any = None  # the OpenAI-compatible HTTP API (http_api.HttpServer) when --http-port != -1
         self._background: set[asyncio.Task] = set()
 
     def deadline(self, time_remaining: float | None) -> float:
@@ -92,7 +103,8 @@ class GatewayApp:
         return plan, tokenizer
 
     def generate(self, plan: Plan, tokenizer: ModelTokenizer) -> AsyncIterator[Chunk]:
-        return pipeline.generate(self.router, plan, tokenizer)
+        chunks = pipeline.generate(self.router, plan, tokenizer)
+        return self.meter.generation(plan.version.model, len(plan.prompt_ids), chunks)
 
     # ---- embeddings -------------------------------------------------------------------------
 
@@ -103,7 +115,8 @@ class GatewayApp:
                 f"{version.label} is a decoder ({version.architecture}) and produces no embeddings: use Generate"
             )
         tokenizer = await self.tokenizers.get(version)
-        return version, await pipeline.embed(self.router, version, tokenizer, params.texts, deadline)
+        work = pipeline.embed(self.router, version, tokenizer, params.texts, deadline)
+        return version, await self.meter.embedding(version.model, work, lambda result: result.prompt_tokens)
 
     # ---- admin ------------------------------------------------------------------------------
 
@@ -129,15 +142,26 @@ class GatewayApp:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def stop_http(self, grace_s: float | None = None) -> Awaitable[None]:
+        """Start draining the HTTP API, if served (for grace_s, default --grace-s); await the result for it
+        to be stopped."""
+        if self.http is not None:
+            return self.http.stop(grace_s)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.limiter.close()
         await self.channels.close()
 
 
 async def start_gateway(config: GatewayConfig) -> tuple[RunningServer, GatewayApp]:
     """Start the gateway's gRPC server on config.listen; stop it with `await stop_gateway(running, app)`."""
+    from services.gateway import kserve
     from services.gateway.servicer import GatewayServicer
 
     app = GatewayApp(config)
@@ -145,13 +169,34 @@ async def start_gateway(config: GatewayConfig) -> tuple[RunningServer, GatewayAp
 
     def add(server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        kserve.add_kserve_servicer(app, server)  # the KServe Open Inference Protocol v2, same port
 
-    running = await create_server(config.listen, add, [SERVICE_NAME], "gateway")
-    log.info("gateway serving on port %d (registry %s, scheduler %s)", running.port, config.registry, config.scheduler)
+    if config.http_port != -1:  # first: health says SERVING once the gRPC server starts, with HTTP up
+        from services.gateway.http_api import start_http_api
+
+        try:
+            app.http = await start_http_api(app)
+        except BaseException:
+            await app.close()
+            raise
+    try:
+        running = await create_server(
+            config.listen, add, [SERVICE_NAME, kserve.SERVICE_NAME], "gateway",
+            interceptors=[GuardInterceptor(app.auth, app.limiter)], make_request_ids=True,
+            options=[("grpc.max_receive_message_length", config.max_request_bytes)],
+        )
+    except BaseException:
+        await app.stop_http(0)
+        await app.close()
+        raise
+    log.info("gateway serving on port %d (registry %s, scheduler %s, auth %s)", running.port, config.registry,
+             config.scheduler, config.auth)
+    if not app.auth.enabled:
+        log.warning("auth is disabled: every caller is an admin without limits; only run so behind another auth layer")
     return running, app
 
 
 async def stop_gateway(running: RunningServer, app: GatewayApp, grace_s: float = 0.0) -> None:
-    """NOT_SERVING, drain in-flight calls for grace_s, stop; then close the downstream channels."""
-    await running.stop(grace_s)
+    """NOT_SERVING, drain in-flight calls (gRPC and HTTP) for grace_s, stop; then close the downstream channels."""
+    await asyncio.gather(running.stop(grace_s), app.stop_http(grace_s))
     await app.close()

@@ -11,7 +11,9 @@ import numpy as np
 
 from modelgrid.errors import Unavailable
 from modelgrid.v1 import common_pb2, gateway_pb2
+from services.gateway.auth import KeyLimits, Principal
 from services.gateway.domain import Chunk, Embeddings, Hop, Route, VersionInfo
+from services.gateway.metering import Traffic
 from services.gateway.validation import EmbedParams, GenerateParams, Limits, parse_embed, parse_generate
 
 
@@ -34,6 +36,35 @@ def route_from_proto(r: common_pb2.Route) -> Route:
         version=r.version,
         epoch=r.epoch,
         hops=tuple(Hop(h.start_layer, h.end_layer, h.worker_id, h.address) for h in r.hops),
+    )
+
+
+def principal_from_proto(k: common_pb2.ApiKey) -> Principal:
+    limits = KeyLimits(k.limits.requests_per_minute, k.limits.tokens_per_minute, k.limits.max_streams)
+    return Principal(key_id=k.key_id, name=k.name, admin=k.admin, limits=limits)
+
+
+def without_addresses(placement: common_pb2.Placement) -> common_pb2.Placement:
+    """A placement as a non-admin key sees it: stages and readiness, not where the workers listen."""
+    out = common_pb2.Placement()
+    out.CopyFrom(placement)
+    for stage in out.stages:
+        for replica in stage.replicas:
+            replica.address = ""
+    return out
+
+
+def stats_to_proto(traffic: Traffic, active_streams: int) -> gateway_pb2.GatewayStats:
+    return gateway_pb2.GatewayStats(
+        uptime_s=traffic.clock() - traffic.started,
+        window_s=traffic.window_s,
+        active_streams=active_streams,
+        requests_total=traffic.requests_total,
+        models=[
+            gateway_pb2.ModelStats(model=m.model, requests=m.requests, errors=m.errors, prompt_tokens=m.prompt_tokens,
+                                   completion_tokens=m.completion_tokens)
+            for m in traffic.snapshot()
+        ],
     )
 
 

@@ -11,6 +11,7 @@ from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.rpc import rpc
 from services.gateway import convert
 from services.gateway.app import GatewayApp
+from services.gateway.auth import current_principal
 from services.gateway.upstream import DEFAULT_TIMEOUT_S
 
 
@@ -86,4 +87,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def GetPlacement(
         self, request: common_pb2.GetPlacementRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.Placement:
-        return await self._app.scheduler.get_placement(request, _timeout(context))
+        placement = await self._app.scheduler.get_placement(request, _timeout(context))
+        return placement if current_principal().admin else convert.without_addresses(placement)
+
+    # ---- admin calls (guard.py's POLICY makes them admin-only) ---------------------------------
+
+    @rpc
+    async def ListPlacements(
+        self, request: common_pb2.ListPlacementsRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListPlacementsResponse:
+        return await self._app.scheduler.list_placements(request, _timeout(context))
+
+    @rpc
+    async def CreateKey(
+        self, request: common_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.CreateKeyResponse:
+        return await self._app.registry.create_key(request, _timeout(context))
+
+    @rpc
+    async def ListKeys(
+        self, request: common_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListKeysResponse:
+        return await self._app.registry.list_keys(request, _timeout(context))
+
+    @rpc
+    async def RevokeKey(
+        self, request: common_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ApiKey:
+        key = await self._app.registry.revoke_key(request, _timeout(context))
+        self._app.auth.forget()  # at once here; other gateways within their --auth-cache-s
+        return key
+
+    @rpc
+    async def GetStats(
+        self, request: gateway_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GatewayStats:
+        return convert.stats_to_proto(self._app.meter.traffic, self._app.meter.active_streams)

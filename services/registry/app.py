@@ -14,6 +14,7 @@ from services.common.server import RunningServer, create_server
 from services.registry.artifacts import ArtifactStore
 from services.registry.config import RegistryConfig
 from services.registry.db import RegistryDB
+from services.registry.keys import ApiKeys, KeyStore
 from services.registry.records import Limits
 from services.registry.registry import Registry
 from services.registry.servicer import RegistryServicer
@@ -45,7 +46,13 @@ def build_registry(config: RegistryConfig) -> Registry:
 async def start_registry(config: RegistryConfig) -> RegistryServer:
     """Open the database, create tables, and serve on config.listen (port 0 = any free port)."""
     registry = await asyncio.to_thread(build_registry, config)
-    servicer = RegistryServicer(registry)
+    try:
+        keys = ApiKeys(await asyncio.to_thread(KeyStore, registry.db))
+        await asyncio.to_thread(keys.bootstrap, config.bootstrap_api_key)
+    except BaseException:
+        registry.db.close()
+        raise
+    servicer = RegistryServicer(registry, keys)
 
     def add(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelgrid.errors import InvalidArgument
 from services.common.settings import setting
 
 GIB = 1024**3
@@ -30,6 +31,10 @@ class RegistryConfig:
     )
     # the most files one upload may carry
     max_upload_files: int = setting(256, "MODELGRID_REGISTRY_MAX_UPLOAD_FILES", "most files one upload may carry")
+    # the first admin API key: stored (hashed) when no active admin key exists (services/registry/keys.py)
+    bootstrap_api_key: str = setting(
+        "", "MODELGRID_BOOTSTRAP_API_KEY", "first admin API key, added when no admin key exists (prefer the env)"
+    )
     # seconds in-flight calls get to finish after SIGTERM
     grace_s: float = setting(10.0, "MODELGRID_REGISTRY_GRACE_S", "seconds to drain in-flight calls on SIGTERM")
     log_level: str = setting("INFO", "MODELGRID_LOG_LEVEL", "log level: DEBUG, INFO, WARNING, ERROR")
@@ -49,6 +54,13 @@ class RegistryConfig:
             raise ValueError(f"--max-upload-files must be >= 1, got {self.max_upload_files}")
         if self.grace_s < 0:
             raise ValueError(f"--grace-s must be >= 0, got {self.grace_s}")
+        if self.bootstrap_api_key:
+            from services.registry.keys import check_secret
+
+            try:
+                check_secret(self.bootstrap_api_key, "--bootstrap-api-key / MODELGRID_BOOTSTRAP_API_KEY")
+            except InvalidArgument as err:
+                raise ValueError(err.message) from None
         if self.db_url and "://" not in self.db_url:
             raise ValueError(
                 f"--db-url must be a SQLAlchemy URL such as sqlite:////path/registry.db or "

@@ -6,6 +6,7 @@ from typing import AsyncIterator
 
 from modelgrid.errors import InvalidArgument
 from modelgrid.v1 import common_pb2, registry_pb2
+from services.registry.keys import ApiKeyRecord, KeyLimits
 from services.registry.records import (
     Deployment,
     FileEntry,
@@ -90,3 +91,23 @@ def tensor_chunk(piece: TensorPiece) -> registry_pb2.TensorChunk:
 
 def file_chunk(path: str, offset: int, data: bytes) -> common_pb2.FileChunk:
     return common_pb2.FileChunk(path=path, offset=offset, data=data)
+
+
+def key_to_proto(k: ApiKeyRecord) -> common_pb2.ApiKey:
+    return common_pb2.ApiKey(
+        key_id=k.key_id,
+        name=k.name,
+        prefix=k.prefix,
+        admin=k.admin,
+        limits=common_pb2.KeyLimits(
+            requests_per_minute=k.limits.requests_per_minute,
+            tokens_per_minute=k.limits.tokens_per_minute,
+            max_streams=k.limits.max_streams,
+        ),
+        created_unix_ms=k.created_unix_ms,
+        revoked_unix_ms=k.revoked_unix_ms,
+    )
+
+
+def key_limits(limits: common_pb2.KeyLimits) -> KeyLimits:
+    return KeyLimits(limits.requests_per_minute, limits.tokens_per_minute, limits.max_streams)

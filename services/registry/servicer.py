@@ -9,12 +9,14 @@ import grpc
 from modelgrid.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.rpc import rpc
 from services.registry import convert
+from services.registry.keys import ApiKeys, KeyStore
 from services.registry.registry import Registry
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, keys: ApiKeys | None = None) -> None:
         self.registry = registry
+        self.keys = keys if keys is not None else ApiKeys(KeyStore(registry.db))
 
     @rpc
     async def UploadVersion(
@@ -75,3 +77,31 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> AsyncIterator[common_pb2.FileChunk]:
         async for offset, data in self.registry.fetch_file(request.model, request.version, request.path):
             yield convert.file_chunk(request.path, offset, data)
+
+    # ---- API keys (services/registry/keys.py) ------------------------------------------------
+
+    @rpc
+    async def CreateKey(
+        self, request: common_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.CreateKeyResponse:
+        record, secret = await self.keys.create(request.name, request.admin, convert.key_limits(request.limits))
+        return common_pb2.CreateKeyResponse(key=convert.key_to_proto(record), secret=secret)
+
+    @rpc
+    async def ListKeys(
+        self, request: common_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListKeysResponse:
+        records = await self.keys.list(request.include_revoked)
+        return common_pb2.ListKeysResponse(keys=[convert.key_to_proto(k) for k in records])
+
+    @rpc
+    async def RevokeKey(
+        self, request: common_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ApiKey:
+        return convert.key_to_proto(await self.keys.revoke(request.key))
+
+    @rpc
+    async def VerifyKey(
+        self, request: registry_pb2.VerifyKeyRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ApiKey:
+        return convert.key_to_proto(await self.keys.verify(request.secret))

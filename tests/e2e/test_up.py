@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import ROOT, free_port
 
@@ -32,10 +36,11 @@ def modelgrid_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "modelgrid"]
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("MODELGRID_GATEWAY", None)
-    return env
+    for name in ("MODELGRID_GATEWAY", "MODELGRID_API_KEY", "MODELGRID_DATA_DIR"):
+        env.pop(name, None)
+    return {**env, **extra}
 
 
 def process_alive(pid: int) -> bool:
@@ -68,6 +73,8 @@ class Launcher:
     def __init__(self, data_dir: Path, *args: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        if "--http-port" not in args:  # never the default 8000: tests must not collide with anything on this machine
+            args = (*args, "--http-port", str(free_port()))
         self.proc = subprocess.Popen(
             [*modelgrid_command(), "up", "--port", str(self.port), "--data-dir", str(data_dir), *args],
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -130,9 +137,30 @@ class Launcher:
                 os.kill(pid, signal.SIGKILL)
 
 
-def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*modelgrid_command(), *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+def run_cli(*args: str, timeout_s: float = 120, data_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; with data_dir it finds the API key `modelgrid up` saved there."""
+    env = _env(MODELGRID_DATA_DIR=str(data_dir)) if data_dir is not None else _env()
+    return subprocess.run([*modelgrid_command(), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout_s)
+
+
+def printed_key(up: "Launcher") -> str | None:
+    """The admin key `modelgrid up` printed (once), if it printed one."""
+    lines = up.lines
+    for i, line in enumerate(lines):
+        if line.startswith("admin API key (shown once"):
+            return lines[i + 1].strip()
+    return None
+
+
+def metrics_ports(up: "Launcher") -> dict[str, int]:
+    """Service -> metrics port, from the table `modelgrid up` prints."""
+    found = {}
+    for line in up.lines:
+        match = re.match(r"^\s*(\S+)\s+\S+\s+:(\d+)\s+\d+\s", line)
+        if match:
+            found[match.group(1)] = int(match.group(2))
+    return found
 
 
 def assert_all_gone(pids: dict[str, int], data_dir: Path, timeout_s: float = 10) -> None:
@@ -146,11 +174,54 @@ def assert_all_gone(pids: dict[str, int], data_dir: Path, timeout_s: float = 10)
     pytest.fail(f"processes left behind: {alive} {leftovers}")
 
 
+def check_keys(up: Launcher, data: Path, gw: list[str]) -> None:
+    """No key: refused; a user key made with `keys create` serves but is no admin; revoked, it stops."""
+    nowhere = data.parent / "no-key-here"
+    nowhere.mkdir(exist_ok=True)
+    result = run_cli("models", "list", *gw, data_dir=nowhere)
+    assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr, result.stderr
+    result = run_cli("keys", "create", "--name", "alice", "--rpm", "100", "--json", *gw, data_dir=data)
+    assert result.returncode == 0, result.stderr
+    alice = json.loads(result.stdout)["secret"]
+    as_alice = [*gw, "--api-key", alice]
+    result = run_cli("generate", "--model", "demo", "--prompt", "hi", "--max-tokens", "2", *as_alice, data_dir=nowhere)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("workers", *as_alice, data_dir=nowhere)
+    assert result.returncode == 1 and "PERMISSION_DENIED" in result.stderr, result.stderr
+    result = run_cli("status", *gw, data_dir=data)
+    assert result.returncode == 0 and "worker-0" in result.stdout and "demo" in result.stdout, result.stderr
+    result = run_cli("keys", "revoke", "alice", *gw, data_dir=data)
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while (result := run_cli("models", "list", *as_alice, data_dir=nowhere)).returncode == 0:
+        assert time.monotonic() < deadline, "a revoked key still works"
+    assert "UNAUTHENTICATED" in result.stderr, result.stderr
+
+
+def check_metrics(up: Launcher) -> None:
+    """Every service's /metrics parses; the gateway counted the demo's generated tokens."""
+    ports = metrics_ports(up)
+    assert {"registry", "scheduler", "worker-0", "worker-1", "gateway"} <= set(ports), up.output()
+    families = {}
+    for name, port in ports.items():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            families[name] = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    out = [s.value for s in families["gateway"]["modelgrid_gateway_tokens"].samples
+           if s.name == "modelgrid_gateway_tokens_total" and s.labels == {"model": "demo", "direction": "out"}]
+    assert out and out[0] >= 8
+    assert "modelgrid_scheduler_heartbeat_age_seconds" in families["scheduler"]
+    assert "modelgrid_worker_loaded_stages" in families["worker-0"]
+
+
 def test_up_demo_generate_placement_workers_then_sigterm(tmp_path: Path) -> None:
     data = tmp_path / "data"
     up = Launcher(data, "--workers", "2", "--demo")
     try:
         up.wait_ready()
+        key = printed_key(up)  # a new data dir: `up` made the first admin key, printed it once and saved it
+        assert key and key.startswith("mg_") and up.output().count(key) == 1, up.output()
+        assert (data / "api-key").read_text().strip() == key
+        assert stat.S_IMODE((data / "api-key").stat().st_mode) == 0o600
         pids = up.child_pids()
         assert {"redis", "registry", "scheduler", "worker-0", "worker-1", "gateway"} <= set(pids), pids
         assert all(process_alive(pid) for pid in pids.values()), pids
@@ -158,7 +229,7 @@ def test_up_demo_generate_placement_workers_then_sigterm(tmp_path: Path) -> None
 
         max_tokens = 8
         result = run_cli("generate", "--model", "demo", "--prompt", "hello", "--json", "--max-tokens",
-                         str(max_tokens), "--temperature", "0", *gw)
+                         str(max_tokens), "--temperature", "0", *gw, data_dir=data)
         assert result.returncode == 0, result.stderr
         out = json.loads(result.stdout)
         assert out["finish_reason"] in ("length", "stop"), out
@@ -166,10 +237,10 @@ def test_up_demo_generate_placement_workers_then_sigterm(tmp_path: Path) -> None
         assert out["usage"]["completion_tokens"] == len(out["token_ids"])
         assert isinstance(out["text"], str)
 
-        result = run_cli("generate", "--model", "demo", "--prompt", "hello", "--max-tokens", "4", *gw)
+        result = run_cli("generate", "--model", "demo", "--prompt", "hello", "--max-tokens", "4", *gw, data_dir=data)
         assert result.returncode == 0, result.stderr  # plain streaming output
 
-        result = run_cli("placement", "demo", "--json", *gw)
+        result = run_cli("placement", "demo", "--json", *gw, data_dir=data)
         assert result.returncode == 0, result.stderr
         placement = json.loads(result.stdout)
         stages = sorted(placement["stages"], key=lambda s: s["first_layer"])
@@ -178,14 +249,17 @@ def test_up_demo_generate_placement_workers_then_sigterm(tmp_path: Path) -> None
         assert len({s["worker_id"] for s in stages}) == 2, stages  # stages = min(workers, 2) on distinct workers
         assert placement["epoch"] > 0
 
-        result = run_cli("workers", "--json", *gw)
+        result = run_cli("workers", "--json", *gw, data_dir=data)
         assert result.returncode == 0, result.stderr
         workers = json.loads(result.stdout)
         assert sorted(w["worker_id"] for w in workers) == ["worker-0", "worker-1"]
         assert all(any(s["model"] == "demo" for s in w["stages"]) for w in workers), workers
 
-        result = run_cli("generate", "--model", "no-such-model", "--prompt", "x", *gw)
+        result = run_cli("generate", "--model", "no-such-model", "--prompt", "x", *gw, data_dir=data)
         assert result.returncode == 1 and "error: NOT_FOUND" in result.stderr, result.stderr
+
+        check_keys(up, data, gw)
+        check_metrics(up)
 
         up.proc.send_signal(signal.SIGTERM)
         assert up.wait_exit(STOP_TIMEOUT_S) == 0, up.output()
@@ -208,6 +282,27 @@ def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
         assert_all_gone(pids, data, timeout_s=15)
     finally:
         up.cleanup()
+    key = (data / "api-key").read_text().strip()
+
+    again = Launcher(data, "--workers", "1")  # the same data dir: its saved key is used again, not printed
+    try:
+        again.wait_ready()
+        assert printed_key(again) is None and key not in again.output()
+        assert (data / "api-key").read_text().strip() == key
+        result = run_cli("keys", "list", "--json", "--gateway", again.gateway, data_dir=data)
+        assert result.returncode == 0 and [k["name"] for k in json.loads(result.stdout)] == ["bootstrap"]
+        again.proc.send_signal(signal.SIGTERM)
+        assert again.wait_exit(STOP_TIMEOUT_S) == 0, again.output()
+    finally:
+        again.cleanup()
+
+    other = Launcher(data, "--workers", "1", "--api-key", "mg_a-key-this-registry-has-never-seen")
+    try:
+        assert other.wait_exit(START_TIMEOUT_S) == 1, other.output()
+        assert "already has admin API keys and refused --api-key" in other.output(), other.output()
+        assert_all_gone(other.child_pids(), data)
+    finally:
+        other.cleanup()
 
 
 def test_a_service_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ async def lonely_gateway() -> AsyncIterator[tuple[gateway_pb2_grpc.GatewayStub, 
     registry, scheduler = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     running, app = await start_gateway(GatewayConfig(
         listen="127.0.0.1:0", metrics_port=-1, registry=registry, scheduler=scheduler, max_failovers=1,
+        auth="disabled", http_port=-1,  # API keys and the HTTP API have their own tests
     ))
     channel = aio_channel(f"127.0.0.1:{running.port}")
     yield gateway_pb2_grpc.GatewayStub(channel), registry, scheduler, channel
@@ -84,7 +85,8 @@ def test_process_serves_and_stops_on_sigterm(tmp_path) -> None:
         ["--listen", f"127.0.0.1:{port}", "--metrics-port", "-1", "--grace-s", "1"],
         port,
         tmp_path / "gateway.log",
-        env={"MODELGRID_REGISTRY_ADDR": f"127.0.0.1:{free_port()}"},
+        env={"MODELGRID_REGISTRY_ADDR": f"127.0.0.1:{free_port()}", "MODELGRID_AUTH": "disabled",
+             "MODELGRID_GATEWAY_HTTP_PORT": "-1"},
     ).start(timeout_s=60)
     try:
         with grpc.insecure_channel(service.address) as channel:
