@@ -4,10 +4,11 @@ The gateway drives every hop (as Petals does): it sends the tokens to the first 
 stage's hidden states on to the next, and gets the sampled token back from the last one. Because the
 gateway holds the session's tokens, it can rebuild a session anywhere: when a hop fails (UNAVAILABLE,
 a broken call), has a stale epoch (ABORTED) or lost the stage or the session (FAILED_PRECONDITION), it
-drops the route, reports a dead worker to the scheduler, gets a route without it and replays the
-session's tokens from position 0 with reset = true. The last stage derives step i's generator from
-(seed, i), so the replayed step samples the same token. Retries are bounded in number and by the
-request's deadline. The session is closed on every worker it touched, whatever ends it.
+drops the route, gets one without the failed worker (failover.py: a ready replica at once when there is
+one) and replays the session's tokens from position 0 with reset = true. The last stage derives step
+i's generator from (seed, i), so the replayed step samples the same token. Retries are bounded in number
+and by the request's deadline. The route is held for the whole session: no scheduler call per token.
+The session is closed on every worker it touched, whatever ends it.
 """
 
 from __future__ import annotations
@@ -21,18 +22,13 @@ from typing import AsyncIterator, Sequence
 
 import numpy as np
 
-from modelgrid.errors import (
-    Aborted,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    ModelGridError,
-    Unavailable,
-)
-from services.gateway.domain import Chunk, Embeddings, Hop, Route, Sampling, VersionInfo
+from modelgrid.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from services.gateway.domain import Chunk, Embeddings, Route, Sampling, VersionInfo
+from services.gateway.failover import FAILOVER_SECONDS, Failover, HopFailed, RetryPolicy, Router, remaining
 from services.gateway.stops import StopMatcher
 from services.gateway.tokenizers import ModelTokenizer
-from services.gateway.upstream import RouteCache, SchedulerClient, Workers
+
+__all__ = ["Plan", "RetryPolicy", "Router", "Session", "embed", "generate", "micro_batches", "remaining"]
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +36,6 @@ log = logging.getLogger(__name__)
 RETRYABLE = (Unavailable, Aborted, FailedPrecondition)
 # activations carried per Forward in an Embed micro-batch, well under the gRPC message limit
 EMBED_BATCH_BYTES = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_failovers: int = 3  # re-routes one request may take before it fails with UNAVAILABLE
-    backoff_s: float = 0.2  # wait before the first re-route; doubles each time
-    max_backoff_s: float = 2.0
-
-
-@dataclass
-class Router:
-    """Everything a request needs to reach the workers."""
-
-    routes: RouteCache
-    scheduler: SchedulerClient
-    workers: Workers
-    policy: RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -73,71 +52,6 @@ class Plan:
     @property
     def max_session_tokens(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
-
-
-class _HopFailed(Exception):
-    def __init__(self, hop: Hop, error: ModelGridError) -> None:
-        super().__init__(error.message)
-        self.hop = hop
-        self.error = error
-
-
-def remaining(deadline: float, what: str) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceeded(f"the request ran out of time {what}")
-    return left
-
-
-class Failover:
-    """The current route of one request, and what to do when a hop fails (bounded, with backoff)."""
-
-    def __init__(self, router: Router, version: VersionInfo, deadline: float) -> None:
-        self._router = router
-        self._version = version
-        self._deadline = deadline
-        self._exclude: list[str] = []
-        self._route: Route | None = None
-        self.failures = 0
-
-    async def route(self) -> Route:
-        while self._route is None:
-            timeout = remaining(self._deadline, f"waiting for a route for {self._version.label}")
-            try:
-                self._route = await self._router.routes.get(
-                    self._version.model, self._version.version, self._exclude, timeout
-                )
-            except Unavailable as err:  # not (re)placed yet, or no replica outside the excluded ones
-                await self._backoff(err.message)
-        return self._route
-
-    async def hop_failed(self, failure: _HopFailed) -> None:
-        """Drop the route (reporting a dead worker) and wait before the next try; raise when out of tries."""
-        hop, err = failure.hop, failure.error
-        log.warning(
-            "%s: hop %s [%d,%d) at %s failed (%s: %s); re-routing",
-            self._version.label, hop.worker_id, hop.start_layer, hop.end_layer, hop.address, err.code, err.message,
-        )
-        if self._route is not None:
-            self._router.routes.invalidate(self._route)
-        self._route = None
-        if isinstance(err, Unavailable):
-            if hop.worker_id not in self._exclude:
-                self._exclude.append(hop.worker_id)
-            await self._router.scheduler.report_failure(hop.worker_id, f"{err.code}: {err.message}")
-        await self._backoff(f"worker {hop.worker_id} at {hop.address}: {err.message}")
-
-    async def _backoff(self, last_error: str) -> None:
-        self.failures += 1
-        policy = self._router.policy
-        if self.failures > policy.max_failovers:
-            raise Unavailable(
-                f"{self._version.label} could not be served after {self.failures} attempts "
-                f"(no working route through its stages); last error: {last_error}"
-            )
-        delay = min(policy.backoff_s * 2 ** (self.failures - 1), policy.max_backoff_s)
-        left = remaining(self._deadline, f"re-routing {self._version.label} (last error: {last_error})")
-        await asyncio.sleep(min(delay, left))
 
 
 class Session:
@@ -158,6 +72,7 @@ class Session:
 
     async def step(self, new_ids: Sequence[int], step: int) -> tuple[int, float]:
         """Run new_ids through every stage; return the sampled (token id, logprob) of step `step`."""
+        failed_at = None
         while True:
             route = await self._failover.route()
             replay = self._replay
@@ -165,10 +80,15 @@ class Session:
             position = 0 if replay else len(self._tokens)
             try:
                 token = await self._through(route, ids, position, replay, step)
-            except _HopFailed as failure:
+            except HopFailed as failure:
+                failed_at = failed_at or time.monotonic()
                 self._replay = True  # stages before the failed one may have cached part of the step
                 await self._failover.hop_failed(failure)
                 continue
+            if failed_at is not None:
+                FAILOVER_SECONDS.observe(time.monotonic() - failed_at)
+                log.info("session %s: replayed %d tokens on %s after %.3f s", self.session_id, len(ids),
+                         ",".join(h.worker_id for h in route.hops), time.monotonic() - failed_at)
             self._tokens.extend(new_ids)
             self._replay = False
             return token
@@ -189,11 +109,11 @@ class Session:
                     timeout=timeout,
                 )
             except RETRYABLE as err:
-                raise _HopFailed(hop, err) from None
+                raise HopFailed(hop, err, reset) from None
             if i == last and out.token is not None:
                 return out.token
             if i == last or out.hidden is None:
-                raise _HopFailed(hop, Aborted(
+                raise HopFailed(hop, Aborted(
                     f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
                     f"{len(route.hops)}; the route is stale"
                 ))
@@ -303,7 +223,7 @@ async def _encode_batch(
         route = await failover.route()
         try:
             return await _encoder_hops(router, route, ids, mask, deadline)
-        except _HopFailed as failure:
+        except HopFailed as failure:
             await failover.hop_failed(failure)
 
 
@@ -319,7 +239,7 @@ async def _encoder_hops(
                 route, hop, tokens=ids if i == 0 else None, hidden=hidden, attention_mask=mask, timeout=timeout
             )
         except RETRYABLE as err:
-            raise _HopFailed(hop, err) from None
+            raise HopFailed(hop, err) from None
         if i == last and out.embeddings is not None:
             if out.embeddings.shape[0] != ids.shape[0]:
                 raise Unavailable(
@@ -327,7 +247,7 @@ async def _encoder_hops(
                 )
             return out.embeddings
         if i == last or out.hidden is None:
-            raise _HopFailed(hop, Aborted(
+            raise HopFailed(hop, Aborted(
                 f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
                 f"{len(route.hops)}; the route is stale"
             ))

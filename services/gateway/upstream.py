@@ -2,11 +2,14 @@
 
 One persistent channel per address. Failed calls become domain errors that keep the downstream status
 code and message; a service that cannot be reached becomes UNAVAILABLE naming it. Resolved versions
-and routes are cached briefly; a route is dropped at once when a hop fails or its epoch is stale.
+are cached briefly; routes are fresh per request, the last one standing in while the scheduler cannot
+answer (RouteCache). A worker channel that cannot connect is renewed, so a restarted worker is reachable
+at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +18,6 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import grpc
 import numpy as np
 
-from modelgrid.channel import aio_channel
 from modelgrid.errors import DeadlineExceeded, ModelGridError, Unavailable, from_code
 from modelgrid.v1 import (
     common_pb2,
@@ -26,7 +28,9 @@ from modelgrid.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from services.common.tracing import traced_channel
 from services.gateway import convert
+from services.gateway.auth import Principal
 from services.gateway.domain import Hop, Route, Sampling, VersionInfo
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,10 @@ _UNREACHABLE = (
     "endpoint closed",
 )
 DEFAULT_TIMEOUT_S = 30.0
+RENEW_MIN_AGE_S = 0.5
+# the peer was not reached at all: its channel may be waiting out a reconnect backoff
+_CONNECT_FAILED = ("failed to connect", "connection refused", "connect failed")
+ROUTE_TIMEOUT_S = 3.0  # GetRoute reads Redis only: a scheduler slower than this is treated as down
 
 
 def downstream_error(service: str, address: str, err: grpc.aio.AioRpcError) -> ModelGridError:
@@ -65,19 +73,35 @@ def downstream_error(service: str, address: str, err: grpc.aio.AioRpcError) -> M
 class Channels:
     """One persistent channel per address, created on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._created: dict[str, float] = {}
+        self._clock = clock
+        self._closing: set[asyncio.Task] = set()
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = aio_channel(address)
+            channel = self._channels[address] = traced_channel(address)
+            self._created[address] = self._clock()
         return channel
+
+    def renew(self, address: str, min_age_s: float = RENEW_MIN_AGE_S) -> None:
+        """Replace the channel to an address that could not be connected to. A failed channel waits out
+        gRPC's reconnect backoff (seconds, growing) before it tries again; a process restarted at the same
+        address (a worker after a crash) must be reachable at once. At most once per min_age_s."""
+        if address not in self._channels or self._clock() - self._created[address] < min_age_s:
+            return
+        old = self._channels.pop(address)
+        task = asyncio.ensure_future(old.close(grace=1.0))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class _Client:
@@ -134,6 +158,20 @@ class RegistryClient(_Client):
     async def set_replicas(self, request: common_pb2.SetReplicasRequest, timeout: float | None) -> Any:
         return await self._unary("SetReplicas", request, timeout)
 
+    async def verify_key(self, secret: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Principal:
+        """The key's Principal; Unauthenticated when the registry does not know it (or it is revoked)."""
+        reply = await self._unary("VerifyKey", registry_pb2.VerifyKeyRequest(secret=secret), timeout)
+        return convert.principal_from_proto(reply)
+
+    async def create_key(self, request: common_pb2.CreateKeyRequest, timeout: float | None) -> Any:
+        return await self._unary("CreateKey", request, timeout)
+
+    async def list_keys(self, request: common_pb2.ListKeysRequest, timeout: float | None) -> Any:
+        return await self._unary("ListKeys", request, timeout)
+
+    async def revoke_key(self, request: common_pb2.RevokeKeyRequest, timeout: float | None) -> Any:
+        return await self._unary("RevokeKey", request, timeout)
+
     async def upload_version(self, chunks: AsyncIterator[common_pb2.UploadVersionChunk], timeout: float | None) -> Any:
         """Streams the client's upload on to the registry as it arrives."""
         try:
@@ -173,6 +211,9 @@ class SchedulerClient(_Client):
 
     async def get_placement(self, request: common_pb2.GetPlacementRequest, timeout: float | None) -> Any:
         return await self._unary("GetPlacement", request, timeout)
+
+    async def list_placements(self, request: common_pb2.ListPlacementsRequest, timeout: float | None) -> Any:
+        return await self._unary("ListPlacements", request, timeout)
 
 
 @dataclass(frozen=True)
@@ -259,6 +300,10 @@ class Workers:
         try:
             reply = await self._stub(hop.address).Forward(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE and any(
+                m in (err.details() or "").lower() for m in _CONNECT_FAILED
+            ):
+                self._channels.renew(hop.address)
             raise downstream_error(f"worker {hop.worker_id}", hop.address, err) from None
         which = reply.WhichOneof("output")
         if which == "hidden":
@@ -302,21 +347,44 @@ class VersionCache:
 
 
 class RouteCache:
-    """Route per concrete version for ttl_s seconds; dropped on a failure or a stale epoch."""
+    """Routes from the scheduler, and the last good one per version as a stand-in while it cannot answer.
+
+    Every request asks the scheduler afresh (one call per request, never per token), so new sessions
+    spread over the replicas with the fewest active sessions. When the scheduler cannot give a route
+    (it is restarting, or its Redis was reset and the placement is being rebuilt) the last route of the
+    version stands in for up to ttl_s seconds after it was last confirmed, unless it goes through an
+    excluded worker or was dropped after a failure: streams and new requests go on through the workers,
+    which never needed the scheduler to serve.
+    """
 
     def __init__(self, scheduler: SchedulerClient, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._scheduler = scheduler
         self._ttl_s = ttl_s
         self._clock = clock
         self._routes: dict[tuple[str, str], tuple[float, Route]] = {}
+        self._standing_in: set[tuple[str, str]] = set()  # versions served by a stand-in now (logged once)
 
-    async def get(self, model: str, version: str, exclude: Sequence[str] = (), timeout: float | None = None) -> Route:
+    async def get(
+        self, model: str, version: str, exclude: Sequence[str] = (), timeout: float | None = None,
+        stand_in: bool = True,
+    ) -> Route:
+        """A route from the scheduler; else, if stand_in, the last one when it avoids `exclude`."""
         key = (model, version)
-        entry = self._routes.get(key)
-        if entry is not None and entry[0] > self._clock() and not set(exclude) & set(entry[1].worker_ids):
+        timeout = ROUTE_TIMEOUT_S if timeout is None else min(timeout, ROUTE_TIMEOUT_S)
+        try:
+            route = await self._scheduler.get_route(model, version, exclude, timeout)
+        except (Unavailable, DeadlineExceeded) as err:
+            entry = self._routes.get(key)
+            if not stand_in or entry is None or entry[0] <= self._clock() or set(exclude) & set(entry[1].worker_ids):
+                raise
+            if key not in self._standing_in:
+                self._standing_in.add(key)
+                log.warning("no route for %s %s from the scheduler (%s); using the last one (epoch %d) meanwhile",
+                            model, version, err.message, entry[1].epoch)
             return entry[1]
-        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
-        route = await self._scheduler.get_route(model, version, exclude, timeout)
+        if key in self._standing_in:
+            self._standing_in.discard(key)
+            log.info("the scheduler gives routes for %s %s again", model, version)
         current = self._routes.get(key)
         if self._ttl_s > 0 and (current is None or route.epoch >= current[1].epoch or current[0] <= self._clock()):
             self._routes[key] = (self._clock() + self._ttl_s, route)

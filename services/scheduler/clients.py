@@ -8,10 +8,10 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelgrid.channel import aio_channel
 from modelgrid.errors import Unavailable
 from modelgrid.v1 import registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.rpc import raise_for_rpc_error
+from services.common.tracing import traced_channel
 from services.scheduler.convert import deployment_from_proto
 from services.scheduler.records import Deployment
 
@@ -26,7 +26,7 @@ class RegistryClient:
     def __init__(self, address: str, timeout_s: float) -> None:
         self.address = address
         self._timeout = timeout_s
-        self._channel = aio_channel(address)
+        self._channel = traced_channel(address)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     def _raise(self, err: grpc.aio.AioRpcError) -> None:
@@ -64,7 +64,7 @@ class WorkerClients:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = aio_channel(address)
+            channel = self._channels[address] = traced_channel(address)
         return channel
 
     async def load_stage(
@@ -76,7 +76,15 @@ class WorkerClients:
         try:
             await worker_pb2_grpc.WorkerStub(self._channel(address)).LoadStage(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
+            await self._forget_unreachable(address, err)
             raise_for_rpc_error(err)
+
+    async def _forget_unreachable(self, address: str, err: grpc.aio.AioRpcError) -> None:
+        """A channel that could not connect waits out gRPC's reconnect backoff; the next call gets a new one
+        (a worker restarted at the same address is reachable at once)."""
+        details = (err.details() or "").lower()
+        if err.code() == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in details or "refused" in details):
+            await self.forget(address)
 
     async def unload_stage(
         self, address: str, model: str, version: str, start: int, end: int, epoch: int, timeout_s: float
@@ -87,10 +95,12 @@ class WorkerClients:
         try:
             await worker_pb2_grpc.WorkerStub(self._channel(address)).UnloadStage(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
+            await self._forget_unreachable(address, err)
             raise_for_rpc_error(err)
 
-    async def probe(self, address: str, timeout_s: float) -> bool:
-        """True when the worker's gRPC health check answers SERVING within timeout_s."""
+    async def probe(self, address: str, timeout_s: float) -> str:
+        """The worker's gRPC health status within timeout_s ("SERVING", "NOT_SERVING" while it drains, ...),
+        or "" when it does not answer."""
         stub = health_pb2_grpc.HealthStub(self._channel(address))
         for service in (WORKER_SERVICE, ""):
             try:
@@ -99,9 +109,9 @@ class WorkerClients:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     continue  # no per-service status: ask for the server's overall one
                 log.info("health probe of %s failed: %s", address, err.code().name)
-                return False
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-        return False
+                return ""
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return ""
 
     async def forget(self, address: str) -> None:
         channel = self._channels.pop(address, None)

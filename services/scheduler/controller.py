@@ -11,6 +11,12 @@ One tick, under an asyncio lock so ticks never overlap:
   5. start Worker.UnloadStage for stages workers report holding that are no longer placed on them.
 A monitor notices expired workers within a quarter heartbeat interval and runs a tick at once.
 
+What workers already hold is adopted, never reloaded: placement prefers the workers that report holding a
+range, and a replica whose worker reports holding it is marked ready without a LoadStage (so the epoch its
+sessions run under does not move). A worker reporting "draining" keeps a ready replica in the placement
+(and in routes, as the last choice) until a copy elsewhere is ready. After a start or a Redis reset the
+controller resyncs (see resync.py) before changing placements.
+
 Epochs: a placement record keeps the epoch of its last change. Instructions and routes carry the newest
 epoch at the time they are issued (>= every placement's): workers fence LoadStage/UnloadStage against the
 newest epoch they have heard of (heartbeat replies included), and Forward against the newest instruction
@@ -29,7 +35,9 @@ from prometheus_client import Gauge
 from modelgrid.errors import ModelGridError
 from services.scheduler.clients import RegistryClient, WorkerClients
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.placement import PlacementPlan, StagePlan, WorkerCapacity, place
+from services.scheduler.holdings import Job, adoptable, draining_copies, held_plans, previous_with_holders
+from services.scheduler.metrics import HEARTBEAT_AGES
+from services.scheduler.placement import PlacementPlan, WorkerCapacity, place
 from services.scheduler.records import (
     LOADING,
     READY,
@@ -40,7 +48,8 @@ from services.scheduler.records import (
     ReplicaRecord,
     WorkerRecord,
 )
-from services.scheduler.state import SchedulerState
+from services.scheduler.resync import Resync
+from services.scheduler.state import SchedulerState, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +58,8 @@ PLACEMENTS = Gauge("modelgrid_scheduler_placements", "Placements by state", ["st
 EPOCH = Gauge("modelgrid_scheduler_epoch", "Newest placement epoch written by this scheduler")
 
 Key = tuple[str, str]
-Job = tuple[str, str, int, int, str]  # model, version, start, end, worker id
 MAX_BACKOFF_S = 60.0
+RESYNC_MIN_S = 10.0
 
 
 class Controller:
@@ -79,6 +88,12 @@ class Controller:
         self._loops: list[asyncio.Task] = []
         self._stopping = False
         self._down: set[str] = set()  # what is failing now ("registry", "reconcile", ...), to log it once
+        # long enough for workers whose channel to a restarted scheduler is in reconnect backoff
+        self.resync = Resync(max(2 * config.heartbeat_ttl_s, RESYNC_MIN_S))
+        self._marker_claimed = False  # this process has written the Redis marker once
+        self._last_live: set[str] = set()  # worker ids registered at the last tick
+        self._unloaded: dict[Job, int] = {}  # unix ms an UnloadStage returned: older reports of it are stale
+        self._serving: dict[str, bool] = {}  # last state each worker reported, to react to "draining" at once
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -141,7 +156,22 @@ class Controller:
             await self._guard("expiry monitor", self._check_expired())
             await asyncio.sleep(period)
 
+    async def check_reset(self) -> None:
+        """Notice that Redis lost our state (the marker is gone) and resync; at start-up, await the members
+        Redis still lists."""
+        if not await self.state.claim_marker():
+            if not self._marker_claimed:
+                self._marker_claimed = True
+                self.resync.await_also(await self.state.member_ids())
+            return
+        if self._marker_claimed:
+            log.warning("Redis lost the scheduler's state (restarted empty or flushed): workers re-register "
+                        "on their next heartbeat; placements are rebuilt from what they hold")
+            self.resync.begin(self._last_live, "Redis was reset")
+        self._marker_claimed = True
+
     async def _check_expired(self) -> None:
+        await self.check_reset()
         removed = await self.state.prune_expired()
         if removed:
             log.warning(
@@ -175,18 +205,28 @@ class Controller:
         if refresh_registry or self.deployments is None:
             await self.refresh_deployments()  # outside the lock: a slow registry must not delay re-placement
         async with self.lock:
+            await self.check_reset()
             live = {w.worker_id: w for w in await self.state.workers()}
+            HEARTBEAT_AGES.live(live.values())
             records = await self.state.placements()
+            await self.check_reset()  # a reset while we read: what we read is not the whole truth
             floor = self.epoch_floor(live.values())
+            seen = {w.worker_id: w.last_seen_ms for w in live.values()}
+            resyncing = self.resync.active(seen)
             if self.deployments is not None:
                 for key in sorted(k for k in records if k not in self.deployments):
                     await self._drop(records, key, floor)
                 # Versions already placed first, so they keep their memory when room is short.
                 for key in sorted(self.deployments, key=lambda k: (k not in records, k)):
-                    await self._place(self.deployments[key], records, live, floor)
+                    dep = self.deployments[key]
+                    if resyncing and self._awaits_holders(records.get(key), dep, live, seen):
+                        continue
+                    await self._place(dep, records, live, floor)
+            await self._adopt(records, live)
             epoch = await self.current_epoch()
             self._start_loads(records, live, epoch)
             self._start_unloads(records, live, epoch)
+            self._last_live = set(live) | self.resync.missing(seen)  # who to await back if Redis is reset
             WORKERS.set(len(live))
             for state in (READY, LOADING, UNPLACEABLE):
                 PLACEMENTS.labels(state).set(sum(1 for r in records.values() if r.state == state))
@@ -233,22 +273,21 @@ class Controller:
             for w in live.values() if w.serving
         ]
 
-    @staticmethod
-    def _held(dep: Deployment, live: dict[str, WorkerRecord]) -> list[StagePlan]:
-        """What workers report holding of a version: the previous placement after Redis lost it."""
-        holders: dict[tuple[int, int], list[str]] = {}
-        for worker in live.values():
-            for s in worker.stages:
-                if (s.model, s.version) == dep.key:
-                    holders.setdefault((s.start, s.end), []).append(worker.worker_id)
-        return [StagePlan(a, b, tuple(sorted(ids))) for (a, b), ids in sorted(holders.items())]
+    def _awaits_holders(
+        self, record: PlacementRecord | None, dep: Deployment, live: dict[str, WorkerRecord], seen: dict[str, int]
+    ) -> bool:
+        """While resyncing, leave a version alone if it lost its placement but workers hold parts of it (others
+        may hold the rest and not be back yet), or if its placement names a worker awaited back."""
+        if record is None or not record.stages:
+            return bool(held_plans(dep, live)) or self.resync.awaits_any(seen)
+        return any(self.resync.awaits(r.worker_id, seen) for s in record.stages for r in s.replicas)
 
     async def _place(
         self, dep: Deployment, records: dict[Key, PlacementRecord], live: dict[str, WorkerRecord], floor: int
     ) -> None:
         current = records.get(dep.key)
         label = f"model '{dep.model}' {dep.version}"
-        previous = current.plans() if current is not None and current.stages else self._held(dep, live)
+        previous = previous_with_holders(current, held_plans(dep, live))
         plan = place(
             dep.sizes,
             self._capacities(live, records, dep.key),
@@ -295,6 +334,7 @@ class Controller:
                 address = live[wid].address
                 was = old.replica(wid) if old is not None else None
                 replicas.append(ReplicaRecord(wid, address, bool(was and was.ready and was.address == address)))
+            replicas += draining_copies(old, replicas, live)
             record.stages.append(PlacedStageRecord(sp.start, sp.end, replicas, sp.bytes))
         record.refresh_state()
         return record
@@ -322,6 +362,27 @@ class Controller:
             log.info(text)
 
     # -- loads and unloads ------------------------------------------------------------------------
+
+    def note_state(self, worker_id: str, serving: bool) -> None:
+        """A heartbeat's state: a worker starting to drain is handed over at once, not at the next tick."""
+        if self._serving.get(worker_id, True) and not serving:
+            log.info("worker %s is draining: placing its stages elsewhere", worker_id)
+            self.wake.set()
+        self._serving[worker_id] = serving
+
+    async def _adopt(self, records: dict[Key, PlacementRecord], live: dict[str, WorkerRecord]) -> None:
+        """Mark ready, without a LoadStage, the replicas whose worker already holds them (holdings.py)."""
+        busy = self._loading | self._unloading
+        margin_ms = int(self.config.heartbeat_interval_s * 1000)
+        for record in records.values():
+            found = adoptable(record, live, busy, self._unloaded, margin_ms) if record.state != UNPLACEABLE else []
+            for replica in found:
+                replica.ready = True
+            if found:
+                record.refresh_state()
+                if await self.state.update_placement(record):
+                    log.info("%s: adopted what workers already hold, no reload: %s", record.label,
+                             ", ".join(r.worker_id for r in found))
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -391,6 +452,8 @@ class Controller:
             if not await self.state.update_placement(record):
                 log.info("placement of %s changed while %s loaded; the next tick decides", record.label, worker_id)
                 return
+        if any(self._serving.get(r.worker_id) is False for s in record.stages for r in s.replicas):
+            self.wake.set()  # the draining copy this one replaces can leave the placement now
         log.info(
             "%s loaded %s layers [%d, %d): %d/%d stages ready (%s)",
             worker_id, record.label, start, end, record.stages_ready(), len(record.stages), record.state,
@@ -434,6 +497,9 @@ class Controller:
                 worker_id, model, version, start, end, epoch,
             )
             await self.workers.unload_stage(address, model, version, start, end, epoch, self.config.rpc_timeout_s)
+            now = now_ms()
+            self._unloaded = {j: t for j, t in self._unloaded.items() if t > now - 60_000}
+            self._unloaded[job] = now
         except ModelGridError as err:
             log.warning(
                 "worker %s failed to unload model '%s' %s [%d, %d): %s: %s",

@@ -6,6 +6,7 @@ import logging
 
 from modelgrid.errors import InvalidArgument, NotFound
 from services.scheduler.controller import Controller
+from services.scheduler.metrics import HEARTBEAT_AGES
 from services.scheduler.records import WorkerRecord
 from services.scheduler.state import now_ms
 
@@ -30,6 +31,10 @@ class Membership:
             raise InvalidArgument(f"worker '{worker.worker_id}': total_memory must be >= 0, got {worker.total_memory}")
         worker.last_seen_ms = now_ms()
         await self._state.register(worker, self._config.heartbeat_ttl_s)
+        HEARTBEAT_AGES.seen(worker.worker_id, worker.last_seen_ms)
+        self._controller.note_state(worker.worker_id, worker.serving)
+        if not worker.stages:  # a fresh process: our channel to its address may be in reconnect backoff
+            await self._controller.workers.forget(worker.address)
         epoch = await self._state.raise_epoch(self._controller.epoch_floor([worker]))
         self._controller.note_epoch(epoch)
         log.info(
@@ -57,6 +62,8 @@ class Membership:
         epoch = await self._state.heartbeat(worker, self._config.heartbeat_ttl_s)
         if epoch is None:
             raise self._unknown(worker_id)
+        HEARTBEAT_AGES.seen(worker_id, worker.last_seen_ms)
+        self._controller.note_state(worker_id, worker.serving)
         self._controller.note_epoch(epoch)
         return max(epoch, self._controller.epoch_floor([]))
 
@@ -78,9 +85,11 @@ class Membership:
         if worker is None:
             log.info("failure report for %s (%s): not registered, nothing to do", worker_id, reason or "no reason")
             return
-        if await self._controller.workers.probe(worker.address, self._config.probe_timeout_s):
+        answer = await self._controller.workers.probe(worker.address, self._config.probe_timeout_s)
+        if answer == "SERVING" or (answer == "NOT_SERVING" and not worker.serving):
             log.info(
-                "failure report for %s (%s): it answers its health check, keeping it", worker_id, reason or "no reason"
+                "failure report for %s (%s): it answers its health check (%s), keeping it",
+                worker_id, reason or "no reason", "draining" if answer == "NOT_SERVING" else "serving",
             )
             return
         log.warning(

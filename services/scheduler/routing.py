@@ -15,13 +15,15 @@ def choose_route(
     exclude: Collection[str] = (),
     label: str = "the model",
     rng: random.Random | None = None,
+    draining: Collection[str] = (),
 ) -> list[RouteHop]:
     """Pick, for every stage, a ready replica on a usable worker with the fewest active sessions.
 
-    sessions maps each live, serving worker to its active session count; a worker missing from it is
-    gone or draining. Ties go to a random replica when rng is given (spreads a burst of new sessions
-    that all see the same counts), else to the smallest worker id. Raises Unavailable naming the stage
-    that has no usable replica.
+    sessions maps each live worker to its active session count; a worker missing from it is gone.
+    A worker in `draining` is leaving: its replica is used only for a stage with no other usable one
+    (the scheduler keeps it placed until the copy replacing it is ready). Ties go to a random replica
+    when rng is given (spreads a burst of new sessions that all see the same counts), else to the
+    smallest worker id. Raises Unavailable naming the stage that has no usable replica.
     """
     if not stages:
         raise Unavailable(f"{label} is not placed yet")
@@ -30,6 +32,7 @@ def choose_route(
     missing: list[PlacedStageRecord] = []
     for stage in stages:
         usable = [r for r in stage.replicas if r.ready and r.worker_id in sessions and r.worker_id not in excluded]
+        usable = [r for r in usable if r.worker_id not in draining] or usable
         if not usable:
             missing.append(stage)
             continue

@@ -5,6 +5,7 @@ Key layout (prefix `modelgrid:scheduler:`):
   workers       set of registered worker ids (a member whose key expired is gone)
   epoch         integer, bumped by every placement change
   placements    hash "<model>/<version>" -> PlacementRecord JSON, epoch first: {"epoch":N,...}
+  marker        "1", set by the scheduler; its absence means Redis lost the state (restarted empty, flushed)
 
 Every placement change and its epoch bump happen in one Lua script, which also refuses the write when the
 record changed since the caller read it (compare-and-set on the record's epoch), so two schedulers never
@@ -96,6 +97,7 @@ class SchedulerState:
         self._members = prefix + "workers"
         self._epoch = prefix + "epoch"
         self._placements = prefix + "placements"
+        self._marker = prefix + "marker"
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._prune = client.register_script(_PRUNE)
         self._raise_epoch = client.register_script(_RAISE_EPOCH)
@@ -122,6 +124,11 @@ class SchedulerState:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as err:
             raise Unavailable(f"the scheduler cannot reach Redis: {err}") from err
+
+    async def claim_marker(self) -> bool:
+        """Set the marker; True when it was missing (a fresh, restarted or flushed Redis)."""
+        async with self._errors():
+            return bool(await self._redis.set(self._marker, "1", nx=True))
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -153,6 +160,11 @@ class SchedulerState:
         async with self._errors():
             raws = await self._redis.mget([self._worker_key(i) for i in ids])
         return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}
+
+    async def member_ids(self) -> set[str]:
+        """Ids in the member set, their key expired or not (who was registered before a restart)."""
+        async with self._errors():
+            return {i.decode() for i in await self._redis.smembers(self._members)}
 
     async def workers(self) -> list[WorkerRecord]:
         """Live members (their key has not expired), by id."""

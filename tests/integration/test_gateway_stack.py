@@ -9,12 +9,10 @@ gateway re-routes, replays and still returns exactly the greedy tokens.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -22,26 +20,11 @@ import pytest
 import pytest_asyncio
 import torch
 
-from modelgrid.channel import aio_channel
 from modelgrid.model import write_random_checkpoint
-from modelgrid.v1 import (
-    common_pb2,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    worker_pb2,
-    worker_pb2_grpc,
-)
-from services.gateway.app import start_gateway, stop_gateway
-from services.gateway.config import GatewayConfig
-from services.registry.app import start_registry
-from services.registry.config import RegistryConfig
-from services.registry.upload import iter_upload_chunks
-from services.scheduler.app import start_scheduler
-from services.scheduler.config import SchedulerConfig
-from services.worker.app import start_worker, stop_worker
-from services.worker.config import WorkerConfig
+from modelgrid.upload import iter_upload_chunks, plan_upload
+from modelgrid.v1 import common_pb2, gateway_pb2
+from services.worker.app import stop_worker
+from tests.stack import Stack, generate, hf_greedy, running_stack, upload
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -62,17 +45,6 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("bert"), "bert", num_layers=2, hidden_size=32,
                                    num_heads=4, vocab_size=300, max_position_embeddings=64, seed=2)
-
-
-def hf_greedy(directory: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy continuation (stops at the config's EOS, as the gateway does)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @dataclass
@@ -113,45 +85,6 @@ def refs(llama_dir: Path, bert_dir: Path) -> References:
     )
 
 
-@dataclass
-class Stack:
-    gateway: gateway_pb2_grpc.GatewayStub
-    scheduler: scheduler_pb2_grpc.SchedulerStub
-    workers: dict[str, worker_pb2_grpc.WorkerStub]  # worker id -> stub
-    running_workers: dict[str, tuple[Any, Any]]
-    channels: list[grpc.aio.Channel] = field(default_factory=list)
-
-    async def placed(self, model: str) -> list[str]:
-        """Worker ids of the route, waiting (by polling GetRoute) until the model is served."""
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                route = await self.scheduler.GetRoute(scheduler_pb2.GetRouteRequest(model=model))
-                return [h.worker_id for h in route.hops]
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.1)
-
-    async def active_sessions(self) -> dict[str, int]:
-        out = {}
-        for worker_id, stub in self.workers.items():
-            if worker_id in self.running_workers:
-                out[worker_id] = (await stub.GetStatus(worker_pb2.GetStatusRequest())).active_sessions
-        return out
-
-    async def wait_no_sessions(self, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while (sessions := await self.active_sessions()) and any(sessions.values()):
-            assert time.monotonic() < deadline, f"sessions still open: {sessions}"
-            await asyncio.sleep(0.05)
-
-
-async def upload(chunks: list[common_pb2.UploadVersionChunk]) -> AsyncIterator[common_pb2.UploadVersionChunk]:
-    for chunk in chunks:
-        yield chunk
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(
     tmp_path_factory: pytest.TempPathFactory, redis_server, llama_dir: Path, bert_dir: Path, refs: References
@@ -161,49 +94,11 @@ async def stack(
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
-    tmp = tmp_path_factory.mktemp("stack")
-    registry = await start_registry(RegistryConfig(listen="127.0.0.1:0", metrics_port=-1, data_dir=str(tmp / "data")))
-    registry_addr = f"127.0.0.1:{registry.port}"
-    sched_running, controller = await start_scheduler(SchedulerConfig(
-        listen="127.0.0.1:0", metrics_port=-1, redis_url=redis_server.url, registry=registry_addr,
-        heartbeat_interval_s=0.5, heartbeat_ttl_s=5.0, reconcile_interval_s=0.5, kv_reserve_tokens=256,
-    ))
-    scheduler_addr = f"127.0.0.1:{sched_running.port}"
-    running_workers = {}
-    for i in range(3):
-        running_workers[f"w{i}"] = await start_worker(WorkerConfig(
-            listen="127.0.0.1:0", metrics_port=-1, worker_id=f"w{i}", registry=registry_addr,
-            scheduler=scheduler_addr, device="cpu", memory_bytes=1 << 30, cache_dir=str(tmp / f"cache-{i}"),
-        ))
-    gw_running, gw_app = await start_gateway(GatewayConfig(
-        listen="127.0.0.1:0", metrics_port=-1, registry=registry_addr, scheduler=scheduler_addr, max_failovers=8,
-    ))
-    channels = [aio_channel(f"127.0.0.1:{gw_running.port}"), aio_channel(scheduler_addr)]
-    workers = {}
-    for worker_id, (running, _) in running_workers.items():
-        channels.append(aio_channel(f"127.0.0.1:{running.port}"))
-        workers[worker_id] = worker_pb2_grpc.WorkerStub(channels[-1])
-    stack = Stack(gateway_pb2_grpc.GatewayStub(channels[0]), scheduler_pb2_grpc.SchedulerStub(channels[1]),
-                  workers, running_workers, channels)
-    try:
-        for model, directory in ((LLM, llama_dir), (BERT, bert_dir)):
-            chunks = list(iter_upload_chunks(directory, model, num_stages=2))
-            version = await stack.gateway.RegisterModel(upload(chunks))
-            assert (version.model, version.version) == (model, "v1")
+    async with running_stack(tmp_path_factory.mktemp("stack"), redis_server.url, {LLM: llama_dir, BERT: bert_dir},
+                             workers=3) as stack:
+        for model in (LLM, BERT):
+            assert (stack.versions[model].model, stack.versions[model].version) == (model, "v1")
         yield stack
-    finally:
-        for channel in channels:
-            await channel.close()
-        await stop_gateway(gw_running, gw_app)
-        for running, app in list(running_workers.values()):
-            await stop_worker(running, app)
-        await sched_running.stop(0)
-        await controller.close()
-        await registry.stop(0)
-
-
-async def generate(stack: Stack, timeout: float = 60.0, **fields) -> list[gateway_pb2.GenerateChunk]:
-    return [c async for c in stack.gateway.Generate(gateway_pb2.GenerateRequest(**fields), timeout=timeout)]
 
 
 async def test_registered_models_are_placed_over_two_workers(stack: Stack) -> None:
@@ -343,7 +238,7 @@ async def test_admin_calls_are_proxied(stack: Stack) -> None:
 
 
 async def test_a_refused_upload_keeps_the_registrys_code_and_message(stack: Stack, llama_dir: Path) -> None:
-    chunks = list(iter_upload_chunks(llama_dir, "broken"))
+    chunks = list(iter_upload_chunks(plan_upload(llama_dir), "broken"))
     header = chunks[0].header
     header.files[0].sha256 = "0" * 64  # the registry checks every file's hash
     with pytest.raises(grpc.aio.AioRpcError) as info:

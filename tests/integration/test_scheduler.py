@@ -174,6 +174,10 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.stages.clear()
         await self._register()
 
+    async def restart_heartbeats(self) -> None:
+        await self._register()
+        self._beat = asyncio.create_task(self._heartbeats())
+
     async def stop_heartbeats(self) -> None:
         if self._beat is not None:
             self._beat.cancel()
@@ -400,6 +404,7 @@ async def test_redis_flush_makes_workers_register_again_and_placement_is_rebuilt
         await cluster.add_worker(wid)
     await cluster.stub.Reconcile(scheduler_pb2.ReconcileRequest(), timeout=10)
     before = await ready_placement(cluster)
+    loads = {w.worker_id: list(w.loads) for w in cluster.workers.values()}
 
     await cluster.redis.flushall()
 
@@ -410,9 +415,36 @@ async def test_redis_flush_makes_workers_register_again_and_placement_is_rebuilt
     after = await ready_placement(cluster)
     assert after.epoch > before.epoch  # the epoch never goes back, even though Redis lost it
     assert ranges(after) == ranges(before)  # rebuilt where the workers already hold the stages
-    for worker in cluster.workers.values():
-        assert worker.loads[-1][-1] == after.epoch
-    assert len((await cluster.route()).hops) == 2
+    assert {w.worker_id: w.loads for w in cluster.workers.values()} == loads  # adopted, not loaded again
+    route = await cluster.route()
+    assert len(route.hops) == 2 and route.epoch >= after.epoch
+
+
+async def test_after_a_redis_reset_placement_waits_for_every_worker_to_come_back(make_cluster) -> None:
+    """w2 re-registers late: placing on w1 alone (room for the whole model) would reload and unload."""
+    cluster = await make_cluster()
+    cluster.registry.deploy(version(), num_stages=2)
+    w1, w2 = await cluster.add_worker("w1", 1000), await cluster.add_worker("w2", 1000)
+    await cluster.stub.Reconcile(scheduler_pb2.ReconcileRequest(), timeout=10)
+    before = await ready_placement(cluster)
+    cluster.registry.deployments[0].num_stages = 0  # as few stages as fit: one, if placed from scratch
+    await w2.stop_heartbeats()
+
+    await cluster.redis.flushall()
+
+    async def w1_back():
+        return w1.registrations >= 2
+
+    await eventually(w1_back, what="w1 re-registered")
+    await cluster.stub.Reconcile(scheduler_pb2.ReconcileRequest(), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cluster.placement()  # resyncing: nothing placed while w2 is away
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    await w2.restart_heartbeats()
+    after = await ready_placement(cluster)
+    assert ranges(after) == ranges(before) and after.epoch > before.epoch
+    assert len(w1.loads) == len(w2.loads) == 1 and not w1.unloads and not w2.unloads
 
 
 async def test_report_failure_removes_a_dead_worker_at_once(make_cluster) -> None:
@@ -572,10 +604,25 @@ async def test_draining_worker_hands_its_stages_over_without_losing_them(make_cl
     before = await ready_placement(cluster)
     survivor, draining = cluster.holder(before, 0), cluster.holder(before, 1)
     spare = next(w for w in cluster.workers.values() if w not in (survivor, draining))
+    spare.gate = asyncio.Event()  # its copy loads slowly
 
     draining.state = "draining"  # told by its next heartbeat
-    after = await ready_placement(cluster, newer_than=before.epoch)
-    assert ranges(after) == [(0, 2, [survivor.worker_id]), (2, 4, [spare.worker_id])]
+    handing_over = [(0, 2, [survivor.worker_id]), (2, 4, [spare.worker_id, draining.worker_id])]
+
+    async def replacement_loading():
+        return ranges(await cluster.placement()) == handing_over and spare.loads
+
+    await eventually(replacement_loading, what="a copy placed on the spare, the draining one kept")
+    # Until the new copy is ready, the draining worker stays in routes: nothing waits for the load.
+    assert [h.worker_id for h in (await cluster.route()).hops] == [survivor.worker_id, draining.worker_id]
+    spare.gate.set()
+
+    async def handed_over():
+        p = await cluster.placement()
+        return p if ranges(p) == [(0, 2, [survivor.worker_id]), (2, 4, [spare.worker_id])] else None
+
+    after = await eventually(handed_over, what="the draining worker out of the placement")
+    assert after.state == "ready" and after.epoch > before.epoch
     assert [h.worker_id for h in (await cluster.route()).hops] == [survivor.worker_id, spare.worker_id]
     await cluster.stub.Reconcile(scheduler_pb2.ReconcileRequest(), timeout=10)
     assert draining.unloads == [] and draining.stages  # it finishes its sessions; nobody unloads it

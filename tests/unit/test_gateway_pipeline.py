@@ -35,7 +35,7 @@ def tokenizer() -> ModelTokenizer:
 
 
 class FakeScheduler:
-    """Routes over `stages` spans, choosing per span the first worker not excluded."""
+    """Routes over `stages` spans, choosing per span the first worker not excluded or reported failed."""
 
     def __init__(self, replicas: dict[tuple[int, int], list[str]]) -> None:
         self.replicas = replicas
@@ -54,7 +54,11 @@ class FakeScheduler:
         return Route(model, version, self.epoch, tuple(hops))
 
     async def report_failure(self, worker_id: str, reason: str, timeout: float = 5.0) -> None:
+        """Like the real scheduler after a failed health probe: the worker is no longer offered."""
         self.reported.append(worker_id)
+        for workers in self.replicas.values():
+            if worker_id in workers:
+                workers.remove(worker_id)
 
 
 class FakeWorkers:

@@ -73,32 +73,45 @@ class RouteScheduler:
     def __init__(self) -> None:
         self.epoch = 1
         self.calls: list[tuple[str, ...]] = []
+        self.down: Exception | None = None
 
     async def get_route(self, model, version, exclude=(), timeout=None) -> Route:
         self.calls.append(tuple(exclude))
+        if self.down is not None:
+            raise self.down
         worker = "w2" if "w1" in exclude else "w1"
         return Route(model, version, self.epoch, (Hop(0, 4, worker, f"{worker}:1"),))
 
 
-async def test_route_cache_invalidation_ttl_and_exclusion() -> None:
+async def test_route_cache_asks_every_time_and_stands_in_while_the_scheduler_cannot_answer() -> None:
     clock, scheduler = Clock(), RouteScheduler()
     cache = RouteCache(scheduler, ttl_s=5.0, clock=clock)
     first = await cache.get("m", "v1")
-    assert await cache.get("m", "v1") is first and len(scheduler.calls) == 1
-    # a cached route through an excluded worker is not used
+    assert (await cache.get("m", "v1")) == first and len(scheduler.calls) == 2  # fresh per request
+    # the scheduler restarting, or its Redis resyncing: the last route stands in
+    scheduler.down = Unavailable("scheduler at s:1 is unavailable: connection refused")
+    assert await cache.get("m", "v1") == first
+    with pytest.raises(Unavailable):
+        await cache.get("m", "v1", stand_in=False)  # a first, stricter try of the caller's
+    scheduler.down = Unavailable("model 'm' v1 is not placed yet; the scheduler is placing it, retry shortly")
+    assert await cache.get("m", "v1") == first
+    # ... but never through an excluded worker
+    with pytest.raises(Unavailable, match="not placed yet"):
+        await cache.get("m", "v1", exclude=["w1"])
+    # a failed route is dropped: nothing stands in any more
+    cache.invalidate(first)
+    with pytest.raises(Unavailable):
+        await cache.get("m", "v1")
+    scheduler.down = None
+    scheduler.epoch = 2
     second = await cache.get("m", "v1", exclude=["w1"])
     assert second.worker_ids == ("w2",) and scheduler.calls[-1] == ("w1",)
-    assert await cache.get("m", "v1") is second
-    # failure (or a stale epoch): dropped at once
-    cache.invalidate(second)
-    scheduler.epoch = 2
-    third = await cache.get("m", "v1")
-    assert third.epoch == 2 and len(scheduler.calls) == 3
     cache.invalidate(first)  # an older route's failure drops nothing newer
-    assert await cache.get("m", "v1") is third
-    clock.now += 6
-    await cache.get("m", "v1")
-    assert len(scheduler.calls) == 4
+    scheduler.down = Unavailable("connection refused")
+    assert await cache.get("m", "v1") == second
+    clock.now += 6  # a stand-in lasts ttl_s after the route was last confirmed
+    with pytest.raises(Unavailable):
+        await cache.get("m", "v1")
 
 
 def test_version_info_from_proto() -> None:

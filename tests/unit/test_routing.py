@@ -56,3 +56,12 @@ def test_every_replica_excluded_names_the_stage_and_workers() -> None:
 def test_no_stages_means_not_placed() -> None:
     with pytest.raises(Unavailable, match="not placed yet"):
         choose_route([], {}, label="m")
+
+
+def test_a_draining_replica_is_the_last_choice() -> None:
+    sessions = {"a": 5, "b": 0, "c": 0, "d": 0}
+    hops = choose_route(STAGES, sessions, draining=["b", "c"])
+    assert [h.worker_id for h in hops] == ["a", "d"]  # busier, but not leaving
+    leaving_alone = [stage(0, 2, ("a", False), ("b", True)), stage(2, 4, ("c", True))]
+    hops = choose_route(leaving_alone, sessions, draining=["b"])
+    assert [h.worker_id for h in hops] == ["b", "c"]  # its replacement is still loading: b serves meanwhile
