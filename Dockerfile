@@ -40,7 +40,7 @@ RUN python3 -m venv /opt/venv 2>/dev/null \
 RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
 
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY modelgrid ./modelgrid
 COPY services ./services
 # torch==${TORCH_VERSION} is already satisfied (a local version such as +cpu or +cu128 matches the
