@@ -26,7 +26,6 @@ from modelgrid.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 # Weight formats other than safetensors: pickled (refused by the registry) or for other frameworks.
-# Same rules as services/registry/upload.py (which the SDK must not import).
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SKIPPED_SUFFIXES = PICKLED_SUFFIXES + (".h5", ".msgpack", ".onnx", ".ot", ".gguf")
 _HASH_BLOCK = 1024 * 1024
@@ -89,7 +88,7 @@ def plan_upload(directory: str | Path) -> UploadPlan:
 
 
 def iter_upload_chunks(
-    plan: UploadPlan,
+    plan: UploadPlan | str | Path,
     model: str,
     aliases: Sequence[str] = (),
     replicas: int = 0,
@@ -104,6 +103,8 @@ def iter_upload_chunks(
     """
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
+    if not isinstance(plan, UploadPlan):
+        plan = plan_upload(plan)
     header = common_pb2.UploadHeader(
         model=model,
         aliases=list(aliases),

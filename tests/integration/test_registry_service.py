@@ -25,7 +25,7 @@ from modelgrid.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.registry.app import RegistryServer, start_registry
 from services.registry.config import RegistryConfig
 from services.registry.records import Limits
-from services.registry.upload import file_info, iter_upload_chunks
+from modelgrid.upload import iter_upload_chunks, sha256_file
 
 TINY = dict(num_layers=2, hidden_size=32, num_heads=2, vocab_size=300, max_position_embeddings=128)
 
@@ -301,7 +301,8 @@ def raw_upload(directory: Path, model: str, names: list[str] | None = None,
                **header: object) -> list[common_pb2.UploadVersionChunk]:
     """Header + chunks for exactly these files (no client-side checks), for crafting bad uploads."""
     names = names or sorted(p.name for p in directory.iterdir())
-    infos = [file_info(directory / n) for n in names]
+    infos = [common_pb2.FileInfo(path=n, size=(directory / n).stat().st_size, sha256=sha256_file(directory / n))
+             for n in names]
     messages = [common_pb2.UploadVersionChunk(header=common_pb2.UploadHeader(model=model, files=infos, **header))]
     for n in names:
         messages.append(common_pb2.UploadVersionChunk(

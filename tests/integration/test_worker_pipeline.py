@@ -21,7 +21,7 @@ from modelgrid.v1 import common_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_g
 from services.common.metrics import REQUESTS
 from services.registry.app import start_registry
 from services.registry.config import RegistryConfig
-from services.registry.upload import iter_upload_chunks
+from modelgrid.upload import iter_upload_chunks
 from services.worker.app import WorkerApp, start_worker, stop_worker
 from services.worker.config import WorkerConfig
 from services.worker.tensors import decode, encode

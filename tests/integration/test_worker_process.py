@@ -16,7 +16,7 @@ from modelgrid.model import write_random_checkpoint
 from modelgrid.v1 import common_pb2, registry_pb2_grpc, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.registry.app import start_registry
 from services.registry.config import RegistryConfig
-from services.registry.upload import iter_upload_chunks
+from modelgrid.upload import iter_upload_chunks
 from services.scheduler.app import start_scheduler
 from services.scheduler.config import SchedulerConfig
 from tests.support import Service, free_port

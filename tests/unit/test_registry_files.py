@@ -19,7 +19,7 @@ from services.registry.artifacts import ArtifactStore, UploadReceiver
 from services.registry.checkpoint import inspect_checkpoint
 from services.registry.records import FileEntry, FilePart
 from services.registry.tensors import build_manifest, iter_file_pieces, iter_tensor_pieces, read_tensor_layout
-from services.registry.upload import iter_upload_chunks, upload_files
+from modelgrid.upload import iter_upload_chunks, plan_upload
 
 TINY = dict(num_layers=2, hidden_size=32, num_heads=2, vocab_size=300, max_position_embeddings=64)
 
@@ -209,6 +209,6 @@ def test_upload_helper_refuses_pickled_only_locally(tmp_path: Path) -> None:
         next(iter_upload_chunks(tmp_path, "m"))
     (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(InvalidArgument, match="no \\*.safetensors"):
-        upload_files(tmp_path)
+        plan_upload(tmp_path)
     with pytest.raises(InvalidArgument, match="not a directory"):
-        upload_files(tmp_path / "missing")
+        plan_upload(tmp_path / "missing")
