@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from modelgrid.channel import aio_channel
+from modelgrid.model import write_random_checkpoint
 from modelgrid.upload import aiter_upload_chunks, plan_upload
 from modelgrid.v1 import (
     common_pb2,
@@ -137,6 +138,13 @@ async def running_stack(
         await sched_running.stop(0)
         await controller.close()
         await registry.stop(0)
+
+
+def decisive_llama(directory: Path, seed: int) -> Path:
+    """A random Llama (4 layers, hidden 64, 2 kv heads, vocab 512) with decisive logits: no near-ties in
+    argmax, so greedy tokens do not depend on how the work was batched or split."""
+    return write_random_checkpoint(directory, "llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2,
+                                   vocab_size=512, seed=seed, init_std=0.2, random_norms_and_biases=True)
 
 
 async def generate(stack: Stack, timeout: float = 60.0, **fields: Any) -> list[gateway_pb2.GenerateChunk]:

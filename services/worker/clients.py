@@ -10,9 +10,9 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from modelgrid.channel import aio_channel
 from modelgrid.errors import ModelGridError, from_code
-from modelgrid.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from modelgrid.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common.tracing import traced_channel
 from services.worker.convert import piece_from_proto, version_from_proto, worker_info_to_proto
 from services.worker.runtime import WorkerStatus
 from services.worker.shard_cache import TensorPiece, VersionInfo
@@ -32,7 +32,7 @@ class RegistryClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = aio_channel(address)
+        self._channel = traced_channel(address)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     async def resolve(self, model: str, version: str) -> VersionInfo:
@@ -59,11 +59,11 @@ class RegistryClient:
 
 
 class SchedulerClient:
-    """Scheduler.RegisterWorker and Scheduler.Heartbeat."""
+    """Scheduler.RegisterWorker, Scheduler.Heartbeat, and GetPlacement (is a draining worker still placed?)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = aio_channel(address)
+        self._channel = traced_channel(address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     async def register(self, status: WorkerStatus) -> tuple[float, int]:
@@ -86,6 +86,18 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as err:
             raise _error(err, "scheduler", self.address) from None
         return int(reply.epoch)
+
+    async def placed_workers(self, model: str, version: str) -> set[str]:
+        """Ids of the workers the scheduler's placement of a version names (none when it has no placement)."""
+        try:
+            reply = await self._stub.GetPlacement(
+                common_pb2.GetPlacementRequest(model=model, version=version), timeout=SCHEDULER_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return set()
+            raise _error(err, "scheduler", self.address) from None
+        return {r.worker_id for s in reply.stages for r in s.replicas}
 
     async def close(self) -> None:
         await self._channel.close()

@@ -33,6 +33,26 @@ class WorkerConfig:
     session_idle_timeout_s: float = setting(
         300.0, "MODELGRID_SESSION_IDLE_TIMEOUT_S", "evict sessions idle for this many seconds"
     )
+    # KV-cache memory for all sessions; 0 = what the loaded weights leave of memory_bytes
+    kv_budget_bytes: int = setting(
+        0, "MODELGRID_WORKER_KV_BUDGET_BYTES", "KV-cache budget in bytes (0 = offered memory left after weights)"
+    )
+    # a new session whose KV cache does not fit waits this long for others to free memory, then
+    # gets RESOURCE_EXHAUSTED (0 = refuse at once)
+    kv_admission_timeout_s: float = setting(
+        5.0, "MODELGRID_WORKER_KV_ADMISSION_TIMEOUT_S", "seconds a new session waits for KV memory before refusal"
+    )
+    # tokens of all sessions in one forward pass; longer prompts are prefilled in chunks between decode steps
+    max_batch_tokens: int = setting(
+        512, "MODELGRID_WORKER_MAX_BATCH_TOKENS", "tokens per forward pass (prompts are chunked to fit)"
+    )
+    # a pass waits up to this long for its fair share of the stage's open sessions (open sessions / number
+    # of pipeline stages), so that every stage works on a different group of sessions at once
+    batch_wait_ms: float = setting(
+        10.0, "MODELGRID_WORKER_BATCH_WAIT_MS", "ms a pass may wait to batch its share of open sessions (0 = none)"
+    )
+    # torch's CPU threads; 0 = torch's default (one per core). Set it when several workers share a CPU
+    torch_threads: int = setting(0, "MODELGRID_WORKER_TORCH_THREADS", "torch CPU threads (0 = torch's default)")
     # on SIGTERM: how long running sessions may continue before the worker exits
     grace_s: float = setting(30.0, "MODELGRID_WORKER_GRACE_S", "seconds to drain sessions on SIGTERM")
     log_level: str = setting("INFO", "MODELGRID_LOG_LEVEL", "log level: DEBUG, INFO, WARNING, ERROR")
@@ -53,6 +73,21 @@ class WorkerConfig:
             raise ValueError(f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}")
         if self.grace_s < 0:
             raise ValueError(f"--grace-s must be >= 0, got {self.grace_s}")
+        if self.kv_budget_bytes < 0:
+            raise ValueError(f"--kv-budget-bytes must be >= 0 (0 = what the weights leave), got {self.kv_budget_bytes}")
+        if self.memory_bytes and self.kv_budget_bytes > self.memory_bytes:
+            raise ValueError(
+                f"--kv-budget-bytes {self.kv_budget_bytes} exceeds --memory-bytes {self.memory_bytes}; "
+                "lower it, or raise --memory-bytes"
+            )
+        if self.kv_admission_timeout_s < 0:
+            raise ValueError(f"--kv-admission-timeout-s must be >= 0, got {self.kv_admission_timeout_s}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
+        if self.torch_threads < 0:
+            raise ValueError(f"--torch-threads must be >= 0 (0 = torch's default), got {self.torch_threads}")
         dev = self.device
         if dev not in ("auto", "cpu", "cuda", "mps") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")

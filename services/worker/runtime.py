@@ -1,8 +1,13 @@
 """WorkerRuntime: the stages loaded on this worker's device, placement epochs, memory, and Forward.
 
-All torch work (loading weights, forward steps) runs in ONE dedicated thread under
-torch.inference_mode, off the event loop, so heartbeats, health checks and CloseSession stay
-responsive while a long prefill runs; and since there is one thread, steps never race on a cache.
+All forward passes run in ONE dedicated torch thread under torch.inference_mode, off the event loop,
+so heartbeats, health checks and CloseSession stay responsive while a pass runs; and since there is
+one thread, steps never race on a cache. Loading a stage's weights has a thread of its own, so it
+does not stall the passes of the stages already loaded. The event loop does the I/O: it parses
+requests, admits new sessions' KV caches (admission.py, which may wait) and queues their steps per
+stage; the torch thread runs one pass of a stage's queued steps at a time (batching.py: continuous
+batching with chunked prefill), so the steps of many sessions share each pass and passes of different
+stages on this worker take turns.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,22 +26,22 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
-from modelgrid.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted
+from modelgrid.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from modelgrid.model.checkpoint import meta_stage, stage_tensor_names
 from modelgrid.model.errors import ModelFormatError
 from modelgrid.model.spec import ModelSpec
 from modelgrid.model.stage import load_stage
+from services.worker.admission import KVAdmission
+from services.worker.batching import BatchLimits, BatchStats, Pending, fair_share, heads, pipeline_depth
 from services.worker.device import device_free_memory
 from services.worker.sessions import SessionStore, StageKey
 from services.worker.shard_cache import CONFIG_FILE, DataLoss, ShardCache, VersionInfo, check_names
 from services.worker.steps import (
-    DecoderStep, EncoderStep, StepContext, StepResult, run_decoder_batch, run_encoder_step,
+    DecoderStep, EncoderStep, StepContext, StepResult, run_encoder_step, run_pass, session_kv_bytes, session_tokens,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-MAX_BATCH_STEPS = 64  # decoder steps of one stage run together in one forward pass, at most
 
 
 @dataclass
@@ -90,12 +96,20 @@ class WorkerRuntime:
         cache: ShardCache,
         registry: VersionSource,
         sessions: SessionStore | None = None,
+        *,
+        kv_budget: int = 0,
+        admission_timeout_s: float = 5.0,
+        limits: BatchLimits = BatchLimits(),
     ) -> None:
         self.device = device
         self.total_memory = total_memory
         self.cache = cache
         self.registry = registry
         self.sessions = sessions or SessionStore()
+        self.kv_budget = kv_budget  # bytes; 0 = what the weights leave of total_memory
+        self.admission = KVAdmission(self.sessions, self.kv_limit, admission_timeout_s, lambda: self.worker_id)
+        self.sessions.on_release = self.admission.wake
+        self.limits = limits
         self.worker_id = "worker"
         self.address = ""
         self.draining = False
@@ -105,10 +119,15 @@ class WorkerRuntime:
         self._loading: dict[StageKey, asyncio.Lock] = {}
         self._reserved = 0  # bytes of stages being loaded right now
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-torch")
-        # decoder steps waiting for the torch thread, per stage: (request, caller's future)
-        self._queues: dict[StageKey, list[tuple[DecoderStep, asyncio.Future]]] = {}
+        # reading a new stage's weights (disk, host-to-device copies) must not stall the passes of the others
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-load")
+        # decoder steps waiting for (or part-way through) the passes of their stage, in arrival order
+        self._queues: dict[StageKey, list[Pending]] = {}
+        self._scheduled: set[StageKey] = set()  # stages with a pass submitted to the torch thread
         self._queue_lock = threading.Lock()
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # recent batches, for tests/metrics
+        self._arrived = threading.Condition(self._queue_lock)  # notified when a step is queued
+        self.stats = BatchStats()
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # sessions in recent passes
 
     # ---- epochs -----------------------------------------------------------------------------
 
@@ -128,13 +147,22 @@ class WorkerRuntime:
 
     # ---- memory -----------------------------------------------------------------------------
 
+    def weight_bytes(self) -> int:
+        """Weights loaded, and being loaded."""
+        return sum(s.param_bytes for s in self.stages.values()) + self._reserved
+
     def used_memory(self) -> int:
-        return sum(s.param_bytes for s in self.stages.values()) + self.sessions.kv_bytes() + self._reserved
+        return self.weight_bytes() + self.sessions.kv_bytes()
 
     def free_memory(self) -> int:
         free = max(0, self.total_memory - self.used_memory())
         device_free = device_free_memory(self.device)
         return free if device_free is None else min(free, device_free)
+
+    def kv_limit(self) -> int:
+        """The KV budget now: --kv-budget-bytes, never more than what the weights leave of the offered memory."""
+        room = max(0, self.total_memory - self.weight_bytes())
+        return min(self.kv_budget, room) if self.kv_budget else room
 
     # ---- loading ----------------------------------------------------------------------------
 
@@ -157,7 +185,7 @@ class WorkerRuntime:
             need = self._check_fits(key, spec)
             self._reserved += need
             try:
-                module = await self.run(load_stage, path, key.start, key.end, self.device)
+                module = await self.run(load_stage, path, key.start, key.end, self.device, executor=self._loader)
             except ModelFormatError as err:
                 raise FailedPrecondition(f"{key} cannot be loaded: {err}") from None
             except torch.OutOfMemoryError:
@@ -218,6 +246,7 @@ class WorkerRuntime:
             return False
         del stage
         await self.run(_release_memory, self.device)
+        self.admission.wake()  # the weights' memory may now hold KV caches
         log.info("unloaded %s (%d sessions dropped)", key, dropped)
         return True
 
@@ -237,52 +266,100 @@ class WorkerRuntime:
         return stage
 
     def _context(self) -> StepContext:
-        return StepContext(self.sessions, self.free_memory, lambda: self.draining, self.worker_id)
+        return StepContext(self.sessions, self.kv_limit, lambda: self.draining, self.worker_id)
 
     async def decoder_step(self, key: StageKey, epoch: int, req: DecoderStep) -> StepResult:
-        """Queue the step for the stage; steps queued while the torch thread is busy run as one batch."""
+        """Admit the step's session if it is new here, then queue the step for the stage's next passes."""
         stage = self.stage_for(key, epoch)
         if stage.spec.kind != "decoder":
             raise InvalidArgument(f"{key} is an encoder: send tokens_shape and attention_mask, no session")
+        await self._admit(stage, key, req)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[StepResult] = loop.create_future()
+        item = Pending(req, loop.create_future())
         with self._queue_lock:
-            queue = self._queues.setdefault(key, [])
-            queue.append((req, future))
-            start_job = len(queue) == 1  # else a job for this stage is queued and will take this step too
-        if start_job:
-            self._schedule_queue(key, loop)
-        return await future
+            self._queues.setdefault(key, []).append(item)
+            submit = key not in self._scheduled
+            self._scheduled.add(key)
+            self._arrived.notify_all()
+        if submit:
+            self._submit_pass(key, loop)
+        return await item.future
 
-    def _schedule_queue(self, key: StageKey, loop: asyncio.AbstractEventLoop) -> None:
-        loop.run_in_executor(self._executor, functools.partial(_inference, self._run_queue, key, loop))
+    async def _admit(self, stage: Stage, key: StageKey, req: DecoderStep) -> None:
+        """Reserve the KV bytes of a session that starts (or replays from 0) on the stage; may wait."""
+        tokens = session_tokens(req, stage.spec)
+        session = self.sessions.peek(req.session_id, key)
+        if req.position != 0 or (session is not None and not req.reset):
+            return  # a running session (a wrong position is the step's to refuse)
+        if self.draining and not self.sessions.known(req.session_id):
+            raise Unavailable(f"worker draining: {self.worker_id} accepts no new sessions")
+        need = session_kv_bytes(stage.module, key, tokens)
+        if session is not None and session.reserved >= need:
+            return  # a replay within what the session holds
+        await self.admission.admit(req.session_id, key, need, tokens)
 
-    def _run_queue(self, key: StageKey, loop: asyncio.AbstractEventLoop) -> None:
-        """In the torch thread: take the steps queued for the stage (up to MAX_BATCH_STEPS) and run them."""
+    def _submit_pass(self, key: StageKey, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self._executor.submit(_inference, self._run_pass, key, loop)
+        except RuntimeError:  # shut down: the worker is stopping
+            log.debug("torch thread gone; %s not run", key)
+
+    def _run_pass(self, key: StageKey, loop: asyncio.AbstractEventLoop) -> None:
+        """In the torch thread: one pass over the steps queued for the stage; submit the next if any remain."""
         with self._queue_lock:
-            queue = self._queues.get(key, [])
-            items, rest = queue[:MAX_BATCH_STEPS], queue[MAX_BATCH_STEPS:]
-            if rest:
-                self._queues[key] = rest
-                _call_soon(loop, self._schedule_queue, key, loop)
-            else:
-                self._queues.pop(key, None)
+            self._gather(key)
+            queue = list(self._queues.get(key, ()))
+        started = time.perf_counter()
         stage = self.stages.get(key)  # it may have been unloaded while the steps waited
+        passes, steps = self.stats.passes, self.stats.steps
         try:
             if stage is None:
                 raise FailedPrecondition(f"{key} is not loaded on worker {self.worker_id}")
-            results: list = run_decoder_batch(stage.module, key, [req for req, _ in items], self._context())
+            ended = run_pass(stage.module, key, queue, self._context(), self.limits, self.stats)
         except BaseException as err:  # noqa: BLE001 - delivered to every caller; the rpc edge logs it
-            results = [err] * len(items)
-        self.batch_sizes.append(len(items))
-        for (_, future), result in zip(items, results):
-            _call_soon(loop, _deliver, future, result)
+            ended = [(item, err) for item in queue]
+        if self.stats.passes != passes:
+            self.batch_sizes.append(self.stats.steps - steps)
+        with self._queue_lock:
+            gone = {id(item) for item, _ in ended}
+            rest = [item for item in self._queues.get(key, ()) if id(item) not in gone]
+            if rest:
+                self._queues[key] = rest
+            else:
+                self._queues.pop(key, None)
+                self._scheduled.discard(key)
+        for item, result in ended:
+            if result is not None:
+                _call_soon(loop, _deliver, item.future, result)
+        self.stats.busy_s += time.perf_counter() - started
+        if rest:
+            self._submit_pass(key, loop)
 
     async def encoder_step(self, key: StageKey, epoch: int, req: EncoderStep) -> StepResult:
         stage = self.stage_for(key, epoch)
         if stage.spec.kind != "encoder":
             raise InvalidArgument(f"{key} is a decoder: send a session id and position, no tokens_shape")
         return await self.run(run_encoder_step, stage.module, key, req, self._context())
+
+    def _gather(self, key: StageKey) -> None:
+        """With the queue lock held: wait up to limits.wait_s until the stage has its fair share of its
+        open sessions' steps queued (fair_share: with S stages, S groups keep all S busy at once); not
+        while another stage of this worker has steps waiting for the thread. The lock is released
+        while waiting."""
+        stage = self.stages.get(key)
+        if stage is None:
+            return
+        depth = pipeline_depth(stage.spec.num_layers, key.start, key.end)
+        deadline = time.perf_counter() + self.limits.wait_s
+        while len(heads(self._queues.get(key, ()))) < fair_share(self.sessions.count(key), depth):
+            left = deadline - time.perf_counter()
+            if left <= 0 or any(queue for other, queue in self._queues.items() if other != key):
+                return
+            self._arrived.wait(left)
+
+    def queued_steps(self) -> int:
+        with self._queue_lock:
+            return sum(len(q) for q in self._queues.values())
 
     def close_session(self, session_id: str) -> int:
         return self.sessions.drop(session_id)
@@ -309,13 +386,14 @@ class WorkerRuntime:
             kv_cache_bytes=self.sessions.kv_bytes(),
         )
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(*args) in the torch thread under inference_mode."""
+    async def run(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
+        """Run fn(*args) in the torch thread (or `executor`) under inference_mode."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(_inference, fn, *args))
+        return await loop.run_in_executor(executor or self._executor, functools.partial(_inference, fn, *args))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

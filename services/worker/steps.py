@@ -1,6 +1,6 @@
-"""One Forward step through one loaded stage: input checks, the session's KV cache, sampling.
+"""Forward steps through one loaded stage: input checks, the session's KV cache, sampling.
 
-Everything here runs in the worker's single torch thread (see runtime.py), so steps of one stage
+Everything here runs in the worker's single torch thread (see runtime.py), so passes of one stage
 never overlap and a session's position check and its cache append happen atomically.
 """
 
@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from modelgrid.errors import FailedPrecondition, InvalidArgument, ModelGridError, ResourceExhausted, Unavailable
 from modelgrid.model.errors import CacheCapacityError
 from modelgrid.model.sampling import Sampler, SamplingParams
-from services.worker.sessions import SessionStore, StageKey
+from services.worker.admission import no_room
+from services.worker.batching import BatchLimits, BatchStats, Pending, heads, plan_pass
+from services.worker.sessions import Session, SessionStore, StageKey
 from services.worker.tensors import WireTensor, encode
 
 log = logging.getLogger(__name__)
@@ -68,127 +70,145 @@ class StepContext:
     """What a step needs from the worker besides the stage."""
 
     sessions: SessionStore
-    free_memory: Callable[[], int]
+    kv_limit: Callable[[], int]  # the KV budget in bytes right now
     draining: Callable[[], bool]
     worker_id: str
 
 
-@dataclass
-class _Prepared:
-    index: int  # position of the request in its batch
-    req: DecoderStep
-    x: torch.Tensor  # the stage's input for this session
-    cache: Any  # the session's KVCache on this stage
-
-
-def run_decoder_batch(stage, key: StageKey, reqs: list[DecoderStep], ctx: StepContext) -> list[StepResult | Exception]:
-    """Steps of several sessions through one stage in as few forward passes as possible.
-
-    stage: a modelgrid.model.DecoderStage. Each request is checked on its own (a bad one fails
-    alone, as a domain error in its slot of the result); the good ones run together through
-    forward_batch: the dense work of all their tokens at once, attention per session. Two steps of
-    the same session run in consecutive passes, in arrival order.
-    """
-    results: list[StepResult | Exception | None] = [None] * len(reqs)
-    waiting = list(range(len(reqs)))
-    while waiting:
-        batch: list[_Prepared] = []
-        later: list[int] = []
-        sessions: set[str] = set()
-        for i in waiting:
-            if reqs[i].session_id in sessions:
-                later.append(i)
-                continue
-            sessions.add(reqs[i].session_id)
-            try:
-                batch.append(_prepare(stage, key, i, reqs[i], ctx))
-            except ModelGridError as err:
-                results[i] = err
-        waiting = later
-        if not batch:
-            continue
-        try:
-            outs = stage.forward_batch([(p.x, p.cache) for p in batch], last_only=True)
-        except CacheCapacityError as err:
-            for p in batch:
-                results[p.index] = InvalidArgument(str(err))
-            continue
-        except torch.OutOfMemoryError:
-            for p in batch:
-                ctx.sessions.drop(p.req.session_id, key)
-                results[p.index] = ResourceExhausted(
-                    f"worker {ctx.worker_id} ran out of device memory on {key}; session {p.req.session_id} dropped"
-                )
-            continue
-        for p, out in zip(batch, outs):
-            results[p.index] = _finish(stage, p, out)
-    return results  # type: ignore[return-value]
-
-
-def run_decoder_step(stage, key: StageKey, req: DecoderStep, ctx: StepContext) -> StepResult:
-    """One session's step (a batch of one); raises its domain error."""
-    result = run_decoder_batch(stage, key, [req], ctx)[0]
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-def _prepare(stage, key: StageKey, index: int, req: DecoderStep, ctx: StepContext) -> _Prepared:
-    """Check one request and find (or create) its session's cache; nothing is computed yet."""
-    spec = stage.spec
+def session_tokens(req: DecoderStep, spec: Any) -> int:
+    """Tokens the session's cache must hold: max_session_tokens, or the model's context when 0."""
     context = spec.max_position_embeddings
     if req.max_session_tokens < 0 or req.max_session_tokens > context:
         raise InvalidArgument(
             f"max_session_tokens {req.max_session_tokens} is beyond the model's context of {context} tokens"
         )
-    x = _decoder_input(stage, req)
-    n = x.shape[0]
-    known = ctx.sessions.known(req.session_id)  # a running session may still replay while draining
-    if req.reset:
-        ctx.sessions.drop(req.session_id, key)
+    return req.max_session_tokens or context
+
+
+def session_kv_bytes(stage, key: StageKey, tokens: int) -> int:
+    """Bytes of a session's cache of `tokens` tokens on the stage (exactly what KVCache allocates)."""
+    return stage.spec.kv_bytes_per_token(stage.dtype, num_layers=key.end - key.start) * tokens
+
+
+def run_pass(
+    stage, key: StageKey, queue: Sequence[Pending], ctx: StepContext, limits: BatchLimits, stats: BatchStats
+) -> list[tuple[Pending, StepResult | Exception | None]]:
+    """One forward pass of the stage over its queued steps; returns the steps that ended, with their result.
+
+    stage: a modelgrid.model.DecoderStage. A step is checked the first time it is picked (a bad one
+    fails alone, with a domain error as its result); the chunks plan_pass picks run together through
+    forward_batch: the dense work of all their tokens at once, attention per session. A step ends
+    when its last token has run (or it failed, or its caller went away: result None).
+    """
+    ended: list[tuple[Pending, StepResult | Exception | None]] = []
+    ready = []
+    for item in heads(queue):
+        if item.abandoned:
+            ended.append((item, None))
+            continue
+        if not item.prepared:
+            try:
+                prepare(stage, key, item, ctx)
+            except ModelGridError as err:
+                ended.append((item, err))
+                continue
+        ready.append(item)
+    plan = plan_pass(ready, limits)
+    if not plan:
+        return ended
+    try:
+        outs = stage.forward_batch([(item.x[item.done : item.done + n], item.cache) for item, n in plan])
+    except CacheCapacityError as err:  # prepare checked the limit; kept as a guard
+        return ended + [(item, InvalidArgument(str(err))) for item, _ in plan]
+    except torch.OutOfMemoryError:
+        for item, _ in plan:
+            ctx.sessions.drop(item.session_id, key)
+        return ended + [(item, ResourceExhausted(
+            f"worker {ctx.worker_id} ran out of device memory on {key}; session {item.session_id} dropped"
+        )) for item, _ in plan]
+    stats.record([n for _, n in plan], chunked=sum(1 for item, n in plan if n < item.remaining))
+    for (item, n), out in zip(plan, outs):
+        item.done += n
+        if not stage.is_last:
+            item.outputs.append(out)
+        if item.remaining == 0:
+            ended.append((item, _finish(stage, item, out)))
+    return ended
+
+
+def prepare(stage, key: StageKey, item: Pending, ctx: StepContext) -> None:
+    """Check a step and find (or open) its session's cache; nothing is computed yet."""
+    req = item.req
     session = ctx.sessions.get(req.session_id, key)
-    per_token = spec.kv_bytes_per_token(stage.dtype, num_layers=key.end - key.start)
-    if session is None:
-        if req.position != 0:
+    try:
+        tokens = session_tokens(req, stage.spec)
+        x = _decoder_input(stage, req)
+        if req.reset or session is None or session.cache is None:
+            session = _open(stage, key, req, session, tokens, ctx)
+        cache = session.cache
+        if req.position != cache.length:
             raise FailedPrecondition(
-                f"session {req.session_id} has 0 tokens cached on {key} of worker {ctx.worker_id}, "
-                f"but the step is at position {req.position}; replay from position 0 with reset"
+                f"session {req.session_id} has {cache.length} tokens cached on {key}, but the step is at position "
+                f"{req.position}; send position {cache.length}, or replay from 0 with reset"
             )
-        if ctx.draining() and not known:
-            raise Unavailable(f"worker draining: {ctx.worker_id} accepts no new sessions")
-        if req.max_session_tokens and req.max_session_tokens * per_token > ctx.free_memory():
-            raise ResourceExhausted(
-                f"worker {ctx.worker_id} cannot hold a {req.max_session_tokens}-token session on {key}: its KV "
-                f"cache needs {req.max_session_tokens * per_token} bytes, {ctx.free_memory()} are free"
+        if cache.length + x.shape[0] > cache.max_tokens:
+            raise InvalidArgument(
+                f"session {req.session_id} would hold {cache.length + x.shape[0]} tokens on {key}, beyond its "
+                f"limit of {cache.max_tokens} (max_session_tokens or the model's context of "
+                f"{stage.spec.max_position_embeddings})"
             )
-        session = ctx.sessions.put(req.session_id, key, stage.new_cache(req.max_session_tokens or context))
-    cache = session.cache
-    if req.position != cache.length:
+    except ModelGridError:
+        current = ctx.sessions.peek(req.session_id, key)
+        if current is not None and current.cache is None:  # admitted for this step only: free its bytes
+            ctx.sessions.drop(req.session_id, key)
+        raise
+    item.x, item.cache = x, cache
+
+
+def _open(stage, key: StageKey, req: DecoderStep, session: Session | None, tokens: int, ctx: StepContext) -> Session:
+    """A fresh cache for a session starting (or replaying from 0) on the stage, inside its KV reservation.
+
+    The cache is allocated whole, so it never grows past the bytes admitted for it. A session the
+    runtime did not admit (closed while its step waited) is admitted here if it fits at once.
+    """
+    if req.position != 0:
         raise FailedPrecondition(
-            f"session {req.session_id} has {cache.length} tokens cached on {key}, but the step is at position "
-            f"{req.position}; send position {cache.length}, or replay from 0 with reset"
+            f"session {req.session_id} has 0 tokens cached on {key} of worker {ctx.worker_id}, "
+            f"but the step is at position {req.position}; replay from position 0 with reset"
         )
-    if cache.length + n > cache.max_tokens:
-        raise InvalidArgument(
-            f"session {req.session_id} would hold {cache.length + n} tokens on {key}, beyond its limit of "
-            f"{cache.max_tokens} (max_session_tokens or the model's context of {context})"
-        )
-    grow = (cache.length + n - cache.capacity) * per_token
-    if grow > 0 and grow > ctx.free_memory():
+    need = session_kv_bytes(stage, key, tokens)
+    if session is None or session.reserved < need:
+        if ctx.draining() and not ctx.sessions.known(req.session_id):
+            raise Unavailable(f"worker draining: {ctx.worker_id} accepts no new sessions")
+        limit = ctx.kv_limit()
+        if not ctx.sessions.try_reserve(req.session_id, key, need, limit):
+            raise ResourceExhausted(no_room(ctx.worker_id, req.session_id, key, need, tokens, limit,
+                                            ctx.sessions.kv_bytes()))
+        session = ctx.sessions.get(req.session_id, key)
+    cache = session.cache
+    if cache is not None and cache.max_tokens == tokens:
+        cache.truncate(0)  # a replay reuses the session's memory
+        return session
+    session.cache = None  # free the old cache before allocating the new one
+    try:
+        cache = stage.new_cache(tokens)
+        cache.reserve(tokens)
+    except torch.OutOfMemoryError:
+        ctx.sessions.drop(req.session_id, key)
         raise ResourceExhausted(
-            f"worker {ctx.worker_id} has no memory left for session {req.session_id}'s KV cache on {key} "
-            f"({grow} more bytes needed, {ctx.free_memory()} free)"
-        )
-    return _Prepared(index, req, x, cache)
+            f"worker {ctx.worker_id} ran out of device memory opening session {req.session_id} on {key}"
+        ) from None
+    return ctx.sessions.put(req.session_id, key, cache, reserved=session.reserved)
 
 
-def _finish(stage, p: _Prepared, out: torch.Tensor) -> StepResult:
+def _finish(stage, item: Pending, out: torch.Tensor) -> StepResult:
     if not stage.is_last:
-        return StepResult(hidden=encode(out), cache_length=p.cache.length)
-    params = p.req.sampling
-    seed = derive_seed(params.seed or 0, p.req.step)
+        hidden = item.outputs[0] if len(item.outputs) == 1 else torch.cat(item.outputs)
+        return StepResult(hidden=encode(hidden), cache_length=item.cache.length)
+    params = item.req.sampling
+    seed = derive_seed(params.seed or 0, item.req.step)
     sampler = Sampler(SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed))
-    return StepResult(token=sampler.sample(out[-1]), cache_length=p.cache.length)
+    return StepResult(token=sampler.sample(out[-1]), cache_length=item.cache.length)
 
 
 def run_encoder_step(stage, key: StageKey, req: EncoderStep, ctx: StepContext) -> StepResult:

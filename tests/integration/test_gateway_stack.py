@@ -24,7 +24,7 @@ from modelgrid.model import write_random_checkpoint
 from modelgrid.upload import iter_upload_chunks, plan_upload
 from modelgrid.v1 import common_pb2, gateway_pb2
 from services.worker.app import stop_worker
-from tests.stack import Stack, generate, hf_greedy, running_stack, upload
+from tests.stack import Stack, decisive_llama, generate, hf_greedy, running_stack, upload
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -36,9 +36,7 @@ TEXT = "The river ran past the mill"
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_checkpoint(tmp_path_factory.mktemp("llama"), "llama", num_layers=4, hidden_size=64,
-                                   num_heads=4, num_kv_heads=2, vocab_size=512, seed=5, init_std=0.2,
-                                   random_norms_and_biases=True)  # decisive logits: no near-ties in argmax
+    return decisive_llama(tmp_path_factory.mktemp("llama"), seed=5)
 
 
 @pytest.fixture(scope="module")
