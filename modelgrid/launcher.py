@@ -276,8 +276,6 @@ class Launcher:
         scheduler = self._service("scheduler", "scheduler", free_port(),
                                   ["--redis-url", redis_url, "--registry", registry.address])
         last: list[Child] = []
-        # Workers share this machine's cores: split them, so N workers do not oversubscribe the CPU.
-        torch_threads = max(1, (os.cpu_count() or 1) // max(1, opts.workers))
         for i in range(opts.workers):
             port = free_port()
             worker_id = f"worker-{i}"
@@ -285,7 +283,7 @@ class Launcher:
             cache.mkdir(parents=True, exist_ok=True)
             last.append(self._service(worker_id, "worker", port, [
                 "--advertise", f"127.0.0.1:{port}", "--worker-id", worker_id, "--scheduler", scheduler.address,
-                "--registry", registry.address, "--cache-dir", str(cache), "--torch-threads", str(torch_threads),
+                "--registry", registry.address, "--cache-dir", str(cache),
             ], fatal=False))
         last.append(self._service("gateway", "gateway", opts.port, [
             "--registry", registry.address, "--scheduler", scheduler.address, "--redis-url", redis_url,
