@@ -110,11 +110,10 @@ class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._ids = list(context_ids)
-        self._prefix = 0  # window start: ids before it are emitted and no longer decoded
         self._read = len(self._ids)  # ids before it have been emitted as text
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
         """The text this token completes ("" while a character or a special token gives nothing yet)."""
@@ -126,14 +125,14 @@ class Detokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
+        prefix_text = self._decode(self._ids[: self._read])
+        new_text = self._decode(self._ids)
         if len(new_text) <= len(prefix_text) or (not final and new_text.endswith("\ufffd")):
             return ""
         piece = new_text[len(prefix_text) :]
         # keep only the ids the next window needs
         self._ids = self._ids[self._read :]
-        self._prefix, self._read = 0, len(self._ids)
+        self._read = len(self._ids)
         return piece
 
 

@@ -230,9 +230,15 @@ class Workers:
 
     def __init__(self, channels: Channels) -> None:
         self._channels = channels
+        self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
-        return worker_pb2_grpc.WorkerStub(self._channels.get(address))
+        """One stub per channel (a renewed channel gets a new stub), not one per hop per token."""
+        channel = self._channels.get(address)
+        cached = self._stubs.get(address)
+        if cached is None or cached[0] is not channel:
+            cached = self._stubs[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
+        return cached[1]
 
     async def forward_decoder(
         self,
@@ -290,7 +296,7 @@ class Workers:
             attention_mask=convert.int_tensor(attention_mask),
         )
         if tokens is not None:
-            request.tokens.ids.extend(int(i) for i in tokens.reshape(-1))
+            request.tokens.ids.extend(tokens.reshape(-1).tolist())
             request.tokens_shape.extend(tokens.shape)
         else:
             request.hidden.CopyFrom(hidden)

@@ -14,7 +14,7 @@ from services.worker.runtime import StageStatus, WorkerStatus
 from services.worker.sessions import StageKey
 from services.worker.shard_cache import TensorPiece, VersionInfo
 from services.worker.steps import DecoderStep, EncoderStep, StepResult
-from services.worker.tensors import WireTensor, decode, encode
+from services.worker.tensors import WireTensor, decode
 
 
 def stage_key(request: worker_pb2.LoadStageRequest | worker_pb2.UnloadStageRequest | worker_pb2.ForwardRequest) -> StageKey:
@@ -25,8 +25,8 @@ def tensor_from_proto(t: common_pb2.Tensor, what: str) -> torch.Tensor:
     return decode(t.data, t.dtype, t.shape, what)
 
 
-def tensor_to_proto(t: torch.Tensor | WireTensor) -> common_pb2.Tensor:
-    wire = t if isinstance(t, WireTensor) else encode(t)
+def tensor_to_proto(wire: WireTensor) -> common_pb2.Tensor:
+    """A tensor already encoded in the torch thread (encoding stays off the event loop)."""
     return common_pb2.Tensor(data=wire.data, dtype=wire.dtype, shape=wire.shape)
 
 

@@ -287,10 +287,10 @@ class WorkerRuntime:
 
     async def _admit(self, stage: Stage, key: StageKey, req: DecoderStep) -> None:
         """Reserve the KV bytes of a session that starts (or replays from 0) on the stage; may wait."""
-        tokens = session_tokens(req, stage.spec)
         session = self.sessions.peek(req.session_id, key)
         if req.position != 0 or (session is not None and not req.reset):
             return  # a running session (a wrong position is the step's to refuse)
+        tokens = session_tokens(req, stage.spec)
         if self.draining and not self.sessions.known(req.session_id):
             raise Unavailable(f"worker draining: {self.worker_id} accepts no new sessions")
         need = session_kv_bytes(stage.module, key, tokens)

@@ -6,6 +6,7 @@ never overlap and a session's position check and its cache append happen atomica
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ def _finish(stage, item: Pending, out: torch.Tensor) -> StepResult:
         return StepResult(hidden=encode(hidden), cache_length=item.cache.length)
     params = item.req.sampling
     seed = derive_seed(params.seed or 0, item.req.step)
-    sampler = Sampler(SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed))
+    sampler = Sampler(dataclasses.replace(params, seed=seed))
     return StepResult(token=sampler.sample(out[-1]), cache_length=item.cache.length)
 
 

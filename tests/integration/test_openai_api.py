@@ -196,7 +196,7 @@ def test_stop_sequences_cut_the_text(oai: openai.OpenAI, refs: References) -> No
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_n_choices_are_separate_seeded_sessions(oai: openai.OpenAI) -> None:
+def test_n_choices_are_separate_seeded_sessions(oai: openai.OpenAI, refs: References) -> None:
     """Choice i samples with seed + i: the same request gives the same choices, and choice 1 equals a
     one-choice request with seed + 1. Token-id prompts and prompt batches index choices prompt-major."""
     fields = dict(model=LLM, prompt=[1, 17, 250, 3, 99], max_tokens=8, temperature=1.0, top_p=0.95)
@@ -209,6 +209,7 @@ def test_n_choices_are_separate_seeded_sessions(oai: openai.OpenAI) -> None:
     batch = oai.completions.create(model=LLM, prompt=[PROMPT, PROMPT], n=2, max_tokens=4, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert len({c.text for c in batch.choices}) == 1  # greedy: every session says the same
+    assert batch.choices[0].text and refs.text.startswith(batch.choices[0].text)  # ... which is transformers' text
 
 
 def test_streamed_choices_arrive_interleaved_with_their_index(oai: openai.OpenAI) -> None:
@@ -218,7 +219,7 @@ def test_streamed_choices_arrive_interleaved_with_their_index(oai: openai.OpenAI
     for chunk in oai.completions.create(stream=True, **fields):
         for choice in chunk.choices:
             texts[choice.index] += choice.text
-    assert texts == {c.index: c.text for c in whole.choices}
+    assert all(texts.values()) and texts == {c.index: c.text for c in whole.choices}
 
 
 def test_a_closed_stream_ends_its_sessions_at_once(platform: Platform, oai: openai.OpenAI) -> None:
