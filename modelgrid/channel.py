@@ -9,13 +9,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Chunk size for streamed tensors and files: well under MAX_MESSAGE_BYTES.
 CHUNK_BYTES = 4 * 1024 * 1024
 
+KEEPALIVE_MS = 20_000  # channels ping an idle connection this often, to find a dead peer
+
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+
+# Servers must accept those pings: by default a server allows one ping per 5 minutes on a connection
+# without data and, after two early ones, closes it with GOAWAY "too_many_pings" (seen in CI logs).
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    *GRPC_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 

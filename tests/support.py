@@ -6,6 +6,7 @@ Readiness is awaited by polling grpc.health.v1, never by sleeping a fixed time.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -140,6 +141,17 @@ class Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """The exit code; a process still running after timeout_s fails the test with every thread's stack."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # services dump their threads' stacks to the log
+            time.sleep(1.0)
+            self.kill()
+            raise AssertionError(f"{self.name} still running {timeout_s:.0f} s later:\n{self.log()}") from None
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         if self.proc is None:

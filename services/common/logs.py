@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
+import sys
 
 from services.common.tracing import RequestIdFilter
 
@@ -18,3 +21,5 @@ def configure_logging(level: str = "INFO", service: str = "") -> None:
         handler.addFilter(RequestIdFilter())
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("grpc._cython").setLevel(logging.INFO)  # a DEBUG line per call about its event loop
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: for a process that hangs.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelgrid.channel import GRPC_OPTIONS
+from modelgrid.channel import SERVER_OPTIONS
 from services.common.metrics import MetricsInterceptor
 from services.common.tracing import TracingInterceptor
 
@@ -59,10 +59,10 @@ async def create_server(
     reflection. Pass health_servicer to control per-service health yourself (the worker's check
     touches its device). Every call runs inside the request-id interceptor (make_request_ids: invent
     ids for calls without one; the gateway does), then the metrics interceptor, then `interceptors`
-    (e.g. the gateway's auth). `options` override GRPC_OPTIONS by name.
+    (e.g. the gateway's auth). `options` override SERVER_OPTIONS by name.
     """
     chain = [TracingInterceptor(metrics_name, make_request_ids), MetricsInterceptor(metrics_name), *interceptors]
-    server = grpc.aio.server(options=[*dict([*GRPC_OPTIONS, *options]).items()], interceptors=chain)
+    server = grpc.aio.server(options=[*dict([*SERVER_OPTIONS, *options]).items()], interceptors=chain)
     add_servicers(server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -41,6 +41,7 @@ class Membership:
         self._failures = 0
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="membership")
@@ -50,22 +51,28 @@ class Membership:
         self._wake.set()
 
     async def stop(self) -> None:
+        """Stop heartbeating; returns once the loop has ended (a worker that leaves must not hang here)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task})  # unlike `await task`, our own cancellation still propagates
             self._task = None
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             await self.tick()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Until poked or interval_s passed. Not asyncio.wait_for: on Python 3.11 it swallows a cancel
+        that lands just as the event is set, and stop() then waited forever (seen: a SIGTERM'd worker
+        that never exited)."""
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=self.interval_s)
+        finally:
+            waiter.cancel()
 
     async def tick(self) -> None:
         """One register-or-heartbeat attempt; never raises (except cancellation)."""

@@ -164,7 +164,7 @@ def test_sigterm_a_worker_under_load_fails_no_request(cluster: Cluster, referenc
         service = cluster.workers[victim]
         sent = time.monotonic()
         service.proc.terminate()  # SIGTERM
-        code = service.proc.wait(60)
+        code = service.wait_exit(60)
         exited = time.monotonic() - sent
         served_during = len(results)
         time.sleep(1.0)  # and load goes on on the new placement

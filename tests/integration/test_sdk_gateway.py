@@ -20,7 +20,7 @@ import pytest
 
 import modelgrid
 from modelgrid import cli
-from modelgrid.channel import GRPC_OPTIONS
+from modelgrid.channel import SERVER_OPTIONS
 from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -111,7 +111,7 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
 @pytest.fixture()
 def gateway() -> Iterator[tuple[ScriptedGateway, str]]:
     servicer = ScriptedGateway()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -79,3 +79,19 @@ async def test_background_loop_reregisters_without_waiting_an_interval() -> None
     finally:
         await m.stop()
     assert set(epochs) == {3}
+
+
+async def test_stop_ends_the_loop_even_when_poked_just_before() -> None:
+    """A poke that lands with the cancel (a leaving worker does both) must not keep the loop alive."""
+    scheduler = Scheduler(interval_s=0.5)
+    scheduler.up = True
+    for _ in range(20):  # the race depends on where the loop is: try it at several points
+        m = Membership(scheduler, lambda: STATUS, lambda epoch: None, interval_s=0.5)
+        m.start()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        m.poke()
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(m.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=2)
+        assert stopping in done, "the heartbeat loop outlived stop()"
