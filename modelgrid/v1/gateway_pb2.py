@@ -23,33 +23,34 @@ _sym_db = _symbol_database.Default()
 
 
 from modelgrid.v1 import common_pb2 as modelgrid_dot_v1_dot_common__pb2
+from modelgrid.v1 import jobs_pb2 as modelgrid_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amodelgrid/v1/gateway.proto\x12\x0cmodelgrid.v1\x1a\x19modelgrid/v1/common.proto\"\xb0\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.modelgrid.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x9b\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.modelgrid.v1.Usage\x12\x0f\n\x07version\x18\x07 \x01(\t\"=\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"q\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.modelgrid.v1.Embedding\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.modelgrid.v1.Usage\"\x11\n\x0fGetStatsRequest\"o\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\"\x8c\x01\n\x0cGatewayStats\x12\x10\n\x08uptime_s\x18\x01 \x01(\x01\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x16\n\x0e\x61\x63tive_streams\x18\x03 \x01(\x05\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.modelgrid.v1.ModelStats\x12\x16\n\x0erequests_total\x18\x05 \x01(\x03\x32\xa4\x08\n\x07Gateway\x12H\n\x08Generate\x12\x1d.modelgrid.v1.GenerateRequest\x1a\x1b.modelgrid.v1.GenerateChunk0\x01\x12@\n\x05\x45mbed\x12\x1a.modelgrid.v1.EmbedRequest\x1a\x1b.modelgrid.v1.EmbedResponse\x12O\n\nListModels\x12\x1f.modelgrid.v1.ListModelsRequest\x1a .modelgrid.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1d.modelgrid.v1.GetModelRequest\x1a\x13.modelgrid.v1.Model\x12O\n\rRegisterModel\x12 .modelgrid.v1.UploadVersionChunk\x1a\x1a.modelgrid.v1.ModelVersion(\x01\x12\x45\n\x08SetAlias\x12\x1d.modelgrid.v1.SetAliasRequest\x1a\x1a.modelgrid.v1.ModelVersion\x12\x44\n\x0bSetReplicas\x12 .modelgrid.v1.SetReplicasRequest\x1a\x13.modelgrid.v1.Model\x12R\n\x0bListWorkers\x12 .modelgrid.v1.ListWorkersRequest\x1a!.modelgrid.v1.ListWorkersResponse\x12J\n\x0cGetPlacement\x12!.modelgrid.v1.GetPlacementRequest\x1a\x17.modelgrid.v1.Placement\x12[\n\x0eListPlacements\x12#.modelgrid.v1.ListPlacementsRequest\x1a$.modelgrid.v1.ListPlacementsResponse\x12L\n\tCreateKey\x12\x1e.modelgrid.v1.CreateKeyRequest\x1a\x1f.modelgrid.v1.CreateKeyResponse\x12I\n\x08ListKeys\x12\x1d.modelgrid.v1.ListKeysRequest\x1a\x1e.modelgrid.v1.ListKeysResponse\x12\x41\n\tRevokeKey\x12\x1e.modelgrid.v1.RevokeKeyRequest\x1a\x14.modelgrid.v1.ApiKey\x12\x45\n\x08GetStats\x12\x1d.modelgrid.v1.GetStatsRequest\x1a\x1a.modelgrid.v1.GatewayStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amodelgrid/v1/gateway.proto\x12\x0cmodelgrid.v1\x1a\x19modelgrid/v1/common.proto\x1a\x17modelgrid/v1/jobs.proto\"\xb0\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.modelgrid.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x9b\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.modelgrid.v1.Usage\x12\x0f\n\x07version\x18\x07 \x01(\t\"=\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"q\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.modelgrid.v1.Embedding\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.modelgrid.v1.Usage\"\x11\n\x0fGetStatsRequest\"o\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\"\x8c\x01\n\x0cGatewayStats\x12\x10\n\x08uptime_s\x18\x01 \x01(\x01\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x16\n\x0e\x61\x63tive_streams\x18\x03 \x01(\x05\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.modelgrid.v1.ModelStats\x12\x16\n\x0erequests_total\x18\x05 \x01(\x03\x32\xb9\x0b\n\x07Gateway\x12H\n\x08Generate\x12\x1d.modelgrid.v1.GenerateRequest\x1a\x1b.modelgrid.v1.GenerateChunk0\x01\x12@\n\x05\x45mbed\x12\x1a.modelgrid.v1.EmbedRequest\x1a\x1b.modelgrid.v1.EmbedResponse\x12O\n\nListModels\x12\x1f.modelgrid.v1.ListModelsRequest\x1a .modelgrid.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1d.modelgrid.v1.GetModelRequest\x1a\x13.modelgrid.v1.Model\x12O\n\rRegisterModel\x12 .modelgrid.v1.UploadVersionChunk\x1a\x1a.modelgrid.v1.ModelVersion(\x01\x12\x45\n\x08SetAlias\x12\x1d.modelgrid.v1.SetAliasRequest\x1a\x1a.modelgrid.v1.ModelVersion\x12\x44\n\x0bSetReplicas\x12 .modelgrid.v1.SetReplicasRequest\x1a\x13.modelgrid.v1.Model\x12R\n\x0bListWorkers\x12 .modelgrid.v1.ListWorkersRequest\x1a!.modelgrid.v1.ListWorkersResponse\x12J\n\x0cGetPlacement\x12!.modelgrid.v1.GetPlacementRequest\x1a\x17.modelgrid.v1.Placement\x12[\n\x0eListPlacements\x12#.modelgrid.v1.ListPlacementsRequest\x1a$.modelgrid.v1.ListPlacementsResponse\x12L\n\tCreateKey\x12\x1e.modelgrid.v1.CreateKeyRequest\x1a\x1f.modelgrid.v1.CreateKeyResponse\x12I\n\x08ListKeys\x12\x1d.modelgrid.v1.ListKeysRequest\x1a\x1e.modelgrid.v1.ListKeysResponse\x12\x41\n\tRevokeKey\x12\x1e.modelgrid.v1.RevokeKeyRequest\x1a\x14.modelgrid.v1.ApiKey\x12\x45\n\x08GetStats\x12\x1d.modelgrid.v1.GetStatsRequest\x1a\x1a.modelgrid.v1.GatewayStats\x12>\n\tSubmitJob\x12\x1e.modelgrid.v1.SubmitJobRequest\x1a\x11.modelgrid.v1.Job\x12\x38\n\x06GetJob\x12\x1b.modelgrid.v1.GetJobRequest\x1a\x11.modelgrid.v1.Job\x12>\n\x08WatchJob\x12\x1d.modelgrid.v1.WatchJobRequest\x1a\x11.modelgrid.v1.Job0\x01\x12>\n\tCancelJob\x12\x1e.modelgrid.v1.CancelJobRequest\x1a\x11.modelgrid.v1.Job\x12I\n\x08ListJobs\x12\x1d.modelgrid.v1.ListJobsRequest\x1a\x1e.modelgrid.v1.ListJobsResponse\x12N\n\rGetJobResults\x12\".modelgrid.v1.GetJobResultsRequest\x1a\x17.modelgrid.v1.JobResult0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelgrid.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=72
-  _globals['_GENERATEREQUEST']._serialized_end=376
-  _globals['_USAGE']._serialized_start=378
-  _globals['_USAGE']._serialized_end=457
-  _globals['_GENERATECHUNK']._serialized_start=460
-  _globals['_GENERATECHUNK']._serialized_end=615
-  _globals['_EMBEDREQUEST']._serialized_start=617
-  _globals['_EMBEDREQUEST']._serialized_end=678
-  _globals['_EMBEDDING']._serialized_start=680
-  _globals['_EMBEDDING']._serialized_end=707
-  _globals['_EMBEDRESPONSE']._serialized_start=709
-  _globals['_EMBEDRESPONSE']._serialized_end=822
-  _globals['_GETSTATSREQUEST']._serialized_start=824
-  _globals['_GETSTATSREQUEST']._serialized_end=841
-  _globals['_MODELSTATS']._serialized_start=843
-  _globals['_MODELSTATS']._serialized_end=954
-  _globals['_GATEWAYSTATS']._serialized_start=957
-  _globals['_GATEWAYSTATS']._serialized_end=1097
-  _globals['_GATEWAY']._serialized_start=1100
-  _globals['_GATEWAY']._serialized_end=2160
+  _globals['_GENERATEREQUEST']._serialized_start=97
+  _globals['_GENERATEREQUEST']._serialized_end=401
+  _globals['_USAGE']._serialized_start=403
+  _globals['_USAGE']._serialized_end=482
+  _globals['_GENERATECHUNK']._serialized_start=485
+  _globals['_GENERATECHUNK']._serialized_end=640
+  _globals['_EMBEDREQUEST']._serialized_start=642
+  _globals['_EMBEDREQUEST']._serialized_end=703
+  _globals['_EMBEDDING']._serialized_start=705
+  _globals['_EMBEDDING']._serialized_end=732
+  _globals['_EMBEDRESPONSE']._serialized_start=734
+  _globals['_EMBEDRESPONSE']._serialized_end=847
+  _globals['_GETSTATSREQUEST']._serialized_start=849
+  _globals['_GETSTATSREQUEST']._serialized_end=866
+  _globals['_MODELSTATS']._serialized_start=868
+  _globals['_MODELSTATS']._serialized_end=979
+  _globals['_GATEWAYSTATS']._serialized_start=982
+  _globals['_GATEWAYSTATS']._serialized_end=1122
+  _globals['_GATEWAY']._serialized_start=1125
+  _globals['_GATEWAY']._serialized_end=2590
 # @@protoc_insertion_point(module_scope)

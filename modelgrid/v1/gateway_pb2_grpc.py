@@ -5,6 +5,7 @@ import warnings
 
 from modelgrid.v1 import common_pb2 as modelgrid_dot_v1_dot_common__pb2
 from modelgrid.v1 import gateway_pb2 as modelgrid_dot_v1_dot_gateway__pb2
+from modelgrid.v1 import jobs_pb2 as modelgrid_dot_v1_dot_jobs__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -110,6 +111,36 @@ class GatewayStub:
                 request_serializer=modelgrid_dot_v1_dot_gateway__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_gateway__pb2.GatewayStats.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/modelgrid.v1.Gateway/SubmitJob',
+                request_serializer=modelgrid_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/modelgrid.v1.Gateway/GetJob',
+                request_serializer=modelgrid_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/modelgrid.v1.Gateway/WatchJob',
+                request_serializer=modelgrid_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/modelgrid.v1.Gateway/CancelJob',
+                request_serializer=modelgrid_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/modelgrid.v1.Gateway/ListJobs',
+                request_serializer=modelgrid_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJobResults = channel.unary_stream(
+                '/modelgrid.v1.Gateway/GetJobResults',
+                request_serializer=modelgrid_dot_v1_dot_jobs__pb2.GetJobResultsRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_jobs__pb2.JobResult.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -212,6 +243,50 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Batch jobs (jobs.proto). A job belongs to the key that submitted it; other user keys get NOT_FOUND,
+        admin keys see every job.
+        Checks every item (INVALID_ARGUMENT naming the bad line or item) and records the job; its tasks then run
+        on every replica of the model. Returns the job in state "queued".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """State, counts, progress, throughput and ETA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job now, then again whenever it changes, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops handing out the job's tasks; results written so far stay. Returns the job with the items finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobResults(self, request, context):
+        """Finished items in input order, with their ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -284,6 +359,36 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=modelgrid_dot_v1_dot_gateway__pb2.GetStatsRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_gateway__pb2.GatewayStats.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=modelgrid_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=modelgrid_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=modelgrid_dot_v1_dot_jobs__pb2.WatchJobRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=modelgrid_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=modelgrid_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_jobs__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetJobResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobResults,
+                    request_deserializer=modelgrid_dot_v1_dot_jobs__pb2.GetJobResultsRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_jobs__pb2.JobResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +774,168 @@ class Gateway:
             '/modelgrid.v1.Gateway/GetStats',
             modelgrid_dot_v1_dot_gateway__pb2.GetStatsRequest.SerializeToString,
             modelgrid_dot_v1_dot_gateway__pb2.GatewayStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/SubmitJob',
+            modelgrid_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
+            modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/GetJob',
+            modelgrid_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+            modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/WatchJob',
+            modelgrid_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
+            modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/CancelJob',
+            modelgrid_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+            modelgrid_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/ListJobs',
+            modelgrid_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
+            modelgrid_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelgrid.v1.Gateway/GetJobResults',
+            modelgrid_dot_v1_dot_jobs__pb2.GetJobResultsRequest.SerializeToString,
+            modelgrid_dot_v1_dot_jobs__pb2.JobResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import grpc
 
 from modelgrid.channel import CHUNK_BYTES
-from modelgrid.v1 import registry_pb2_grpc
+from modelgrid.v1 import jobs_pb2_grpc, registry_pb2_grpc
 from services.common.server import RunningServer, create_server
 from services.registry.artifacts import ArtifactStore
 from services.registry.config import RegistryConfig
 from services.registry.db import RegistryDB
+from services.registry.job_db import JobDB
+from services.registry.job_servicer import JobStoreServicer
 from services.registry.keys import ApiKeys, KeyStore
 from services.registry.records import Limits
 from services.registry.registry import Registry
@@ -22,6 +24,7 @@ from services.registry.servicer import RegistryServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "modelgrid.v1.Registry"
+JOBS_SERVICE_NAME = "modelgrid.v1.JobStore"
 
 
 @dataclass
@@ -49,6 +52,7 @@ async def start_registry(config: RegistryConfig) -> RegistryServer:
     try:
         keys = ApiKeys(await asyncio.to_thread(KeyStore, registry.db))
         await asyncio.to_thread(keys.bootstrap, config.bootstrap_api_key)
+        jobs = JobStoreServicer(await asyncio.to_thread(JobDB, registry.db))
     except BaseException:
         registry.db.close()
         raise
@@ -56,9 +60,10 @@ async def start_registry(config: RegistryConfig) -> RegistryServer:
 
     def add(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
+        jobs_pb2_grpc.add_JobStoreServicer_to_server(jobs, server)
 
     try:
-        running = await create_server(config.listen, add, [SERVICE_NAME], "registry")
+        running = await create_server(config.listen, add, [SERVICE_NAME, JOBS_SERVICE_NAME], "registry")
     except BaseException:
         registry.db.close()
         raise

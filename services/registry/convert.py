@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
+
+import numpy as np
+from google.protobuf import json_format
 
 from modelgrid.errors import InvalidArgument
-from modelgrid.v1 import common_pb2, registry_pb2
+from modelgrid.v1 import common_pb2, jobs_pb2, registry_pb2
+from services.registry.job_records import ItemInput, ItemResult, JobRecord, progress
 from services.registry.keys import ApiKeyRecord, KeyLimits
 from services.registry.records import (
     Deployment,
@@ -111,3 +115,47 @@ def key_to_proto(k: ApiKeyRecord) -> common_pb2.ApiKey:
 
 def key_limits(limits: common_pb2.KeyLimits) -> KeyLimits:
     return KeyLimits(limits.requests_per_minute, limits.tokens_per_minute, limits.max_streams)
+
+
+# ---- batch jobs (services/registry/job_db.py) ---------------------------------------------------
+
+def job_params_to_json(params: jobs_pb2.JobParams) -> dict[str, Any]:
+    return json_format.MessageToDict(params, preserving_proto_field_name=True)
+
+
+def job_to_proto(job: JobRecord, now_ms: int) -> jobs_pb2.Job:
+    p = progress(job, now_ms)
+    return jobs_pb2.Job(
+        job_id=job.job_id, model=job.model, version=job.version, kind=job.kind, state=job.state, total=job.total,
+        done=job.done, failed=job.failed, created_unix_ms=job.created_unix_ms, started_unix_ms=job.started_unix_ms,
+        finished_unix_ms=job.finished_unix_ms, error=job.error,
+        params=json_format.ParseDict(job.params, jobs_pb2.JobParams(), ignore_unknown_fields=True),
+        progress=p.fraction, items_per_s=p.items_per_s, eta_s=p.eta_s, owner=job.owner,
+    )
+
+
+def item_from_proto(item: jobs_pb2.JobItem) -> ItemInput:
+    return ItemInput(item.id, item.text, item.prompt, item.max_tokens)
+
+
+def item_to_proto(index: int, item: ItemInput) -> jobs_pb2.IndexedItem:
+    return jobs_pb2.IndexedItem(index=index, item=jobs_pb2.JobItem(
+        id=item.item_id, text=item.text, prompt=item.prompt, max_tokens=item.max_tokens))
+
+
+def result_from_proto(r: jobs_pb2.JobResult) -> ItemResult:
+    embedding = np.asarray(r.embedding, dtype="<f4").tobytes() if len(r.embedding) else b""
+    return ItemResult(index=r.index, embedding=embedding, text=r.text, token_ids=tuple(r.token_ids),
+                      finish_reason=r.finish_reason, error=r.error)
+
+
+def result_to_proto(r: ItemResult) -> jobs_pb2.JobResult:
+    out = jobs_pb2.JobResult(index=r.index, id=r.item_id, text=r.text, token_ids=r.token_ids,
+                             finish_reason=r.finish_reason, error=r.error)
+    if r.embedding:
+        out.embedding.extend(np.frombuffer(r.embedding, dtype="<f4").tolist())
+    return out
+
+
+def pending_to_proto(spans: list[tuple[int, int]]) -> jobs_pb2.PendingItems:
+    return jobs_pb2.PendingItems(starts=[a for a, _ in spans], ends=[b for _, b in spans])
