@@ -38,6 +38,18 @@ class SchedulerConfig:
     probe_timeout_s: float = setting(
         1.0, "MODELGRID_SCHEDULER_PROBE_TIMEOUT_S", "deadline of the worker health probe (s)"
     )
+    # Batch jobs (services/scheduler/jobs.py): items per task, unless the job says otherwise.
+    job_task_items: int = setting(128, "MODELGRID_JOB_TASK_ITEMS", "items per batch-job task")
+    # Runs of one task (each on other workers if it can) before its job fails.
+    job_max_attempts: int = setting(4, "MODELGRID_JOB_MAX_ATTEMPTS", "runs of a batch-job task before the job fails")
+    # A task whose executor has not extended its lease for this long runs again elsewhere.
+    job_lease_s: float = setting(60.0, "MODELGRID_JOB_LEASE_S", "seconds a batch-job task lease lasts unextended")
+    # Tasks one worker takes part in at once (2 lets one task's hops overlap the next one's).
+    job_tasks_per_worker: int = setting(2, "MODELGRID_JOB_TASKS_PER_WORKER", "batch-job tasks per worker at once")
+    # Seconds between re-queuing expired leases (and, every 5th time, comparing Redis with the registry).
+    job_sync_interval_s: float = setting(
+        1.0, "MODELGRID_JOB_SYNC_INTERVAL_S", "seconds between batch-job bookkeeping ticks"
+    )
     log_level: str = setting("INFO", "MODELGRID_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
     # Seconds to drain in-flight calls after SIGTERM.
     grace_s: float = setting(5.0, "MODELGRID_SCHEDULER_GRACE_S", "seconds to drain calls on SIGTERM")
@@ -50,7 +62,8 @@ class SchedulerConfig:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"--redis-url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         for name in (
-            "heartbeat_interval_s", "reconcile_interval_s", "load_timeout_s", "rpc_timeout_s", "probe_timeout_s"
+            "heartbeat_interval_s", "reconcile_interval_s", "load_timeout_s", "rpc_timeout_s", "probe_timeout_s",
+            "job_lease_s", "job_sync_interval_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -59,6 +72,9 @@ class SchedulerConfig:
                 f"--heartbeat-ttl-s ({self.heartbeat_ttl_s}) must exceed --heartbeat-interval-s "
                 f"({self.heartbeat_interval_s}); 3 intervals is a good value"
             )
+        for name in ("job_task_items", "job_max_attempts", "job_tasks_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.kv_reserve_tokens < 0:
             raise ValueError(f"--kv-reserve-tokens must be >= 0, got {self.kv_reserve_tokens}")
         if self.grace_s < 0:

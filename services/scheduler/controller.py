@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from prometheus_client import Gauge
 
@@ -94,6 +94,7 @@ class Controller:
         self._last_live: set[str] = set()  # worker ids registered at the last tick
         self._unloaded: dict[Job, int] = {}  # unix ms an UnloadStage returned: older reports of it are stale
         self._serving: dict[str, bool] = {}  # last state each worker reported, to react to "draining" at once
+        self.closers: list[Callable[[], Awaitable[None]]] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -118,6 +119,8 @@ class Controller:
 
     async def close(self) -> None:
         await self.stop()
+        for close in self.closers:  # what app.py started next to the controller (the batch-job queue)
+            await close()
         await self.workers.close()
         await self.registry.close()
         await self.state.close()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
-from modelgrid.v1 import common_pb2, registry_pb2
+from google.protobuf import json_format
+
+from modelgrid.v1 import common_pb2, jobs_pb2, registry_pb2
+from services.scheduler.job_tasks import JobMeta, Lease, StoredJob
 from services.scheduler.placement import ModelSizes
 from services.scheduler.records import (
     Deployment,
@@ -122,4 +125,22 @@ def deployment_from_proto(dep: registry_pb2.Deployment) -> Deployment:
         sizes=sizes_from_proto(dep.version),
         replicas=max(1, dep.replicas),
         num_stages=max(0, dep.num_stages),
+    )
+
+
+# ---- batch jobs ----------------------------------------------------------------------------------
+
+def stored_job_from_proto(job: jobs_pb2.Job) -> StoredJob:
+    params = json_format.MessageToDict(job.params, preserving_proto_field_name=True)
+    meta = JobMeta(job.job_id, job.model, job.version, job.kind, params)
+    return StoredJob(meta, job.state, job.created_unix_ms, job.total)
+
+
+def lease_to_proto(lease: Lease) -> jobs_pb2.TaskLease:
+    meta, task = lease.meta, lease.task
+    return jobs_pb2.TaskLease(
+        job_id=meta.job_id, task=task.task, lease_id=task.lease_id, start=task.start, end=task.end, model=meta.model,
+        version=meta.version, kind=meta.kind,
+        params=json_format.ParseDict(meta.params, jobs_pb2.JobParams(), ignore_unknown_fields=True),
+        route=route_to_proto(lease.route), attempt=task.attempt, lease_s=lease.lease_s,
     )

@@ -88,6 +88,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@contextlib.asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """A Redis outage becomes Unavailable (retryable), never INTERNAL."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+        raise Unavailable(f"the scheduler cannot reach Redis: {err}") from err
+
+
 class SchedulerState:
     """Membership, placements and epoch over one redis.asyncio client. Redis outages raise Unavailable."""
 
@@ -118,12 +127,8 @@ class SchedulerState:
     def _field(model: str, version: str) -> str:
         return f"{model}/{version}"
 
-    @contextlib.asynccontextmanager
-    async def _errors(self) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-            raise Unavailable(f"the scheduler cannot reach Redis: {err}") from err
+    def _errors(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return redis_errors()
 
     async def claim_marker(self) -> bool:
         """Set the marker; True when it was missing (a fresh, restarted or flushed Redis)."""
