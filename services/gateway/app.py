@@ -22,6 +22,9 @@ from services.gateway.auth import Authenticator
 from services.gateway.config import GatewayConfig
 from services.gateway.domain import Chunk, Embeddings, Sampling, VersionInfo
 from services.gateway.guard import GuardInterceptor
+from services.gateway.job_clients import JobQueueClient, JobStoreClient
+from services.gateway.job_runner import JobRunner
+from services.gateway.jobs import JobsApi
 from services.gateway.limits import RateLimiter
 from services.gateway.metering import Meter
 from services.gateway.pipeline import Plan, RetryPolicy, Router
@@ -61,6 +64,12 @@ class GatewayApp:
             config.redis_url, config.rate_window_s, config.max_sessions, lease_s=config.max_request_s + 10.0
         )
         self.meter = Meter()
+        # batch jobs: the public calls (jobs.py) and the executor running tasks here (job_runner.py)
+        job_store = JobStoreClient(self.channels, config.registry)
+        job_queue = JobQueueClient(self.channels, config.scheduler)
+        self.jobs = JobsApi(job_store, job_queue, self.versions, self.limits)
+        self.job_runner = JobRunner(self, job_store, job_queue, config.job_lanes, config.job_task_timeout_s,
+                                    config.job_generate_concurrency)
         self.http: Any = None  # the OpenAI-compatible HTTP API (http_api.HttpServer) when --http-port != -1
         self._background: set[asyncio.Task] = set()
 
@@ -152,6 +161,7 @@ class GatewayApp:
         return done
 
     async def close(self) -> None:
+        await self.job_runner.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -189,6 +199,7 @@ async def start_gateway(config: GatewayConfig) -> tuple[RunningServer, GatewayAp
         await app.stop_http(0)
         await app.close()
         raise
+    app.job_runner.start()
     log.info("gateway serving on port %d (registry %s, scheduler %s, auth %s)", running.port, config.registry,
              config.scheduler, config.auth)
     if not app.auth.enabled:

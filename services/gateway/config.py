@@ -63,6 +63,18 @@ class GatewayConfig:
     max_request_bytes: int = setting(
         MAX_MESSAGE_BYTES, "MODELGRID_GATEWAY_MAX_REQUEST_BYTES", "largest gRPC request message, in bytes"
     )
+    # batch jobs (services/gateway/job_runner.py): tasks this gateway runs at once; 0 runs none here
+    job_lanes: int = setting(8, "MODELGRID_GATEWAY_JOB_LANES", "batch-job tasks run at once (0: none here)")
+    # one task's deadline (all its items), after which it fails and runs again elsewhere
+    job_task_timeout_s: float = setting(
+        600.0, "MODELGRID_GATEWAY_JOB_TASK_TIMEOUT_S", "deadline of one batch-job task, in seconds"
+    )
+    # generations of one generate task in flight at once (the workers batch them)
+    job_generate_concurrency: int = setting(
+        16, "MODELGRID_GATEWAY_JOB_GENERATE_CONCURRENCY", "generations of one batch-job task at once"
+    )
+    # the most items one job may have
+    max_job_items: int = setting(1_000_000, "MODELGRID_GATEWAY_MAX_JOB_ITEMS", "most items one batch job may have")
     # seconds in-flight calls get to finish after SIGTERM
     grace_s: float = setting(30.0, "MODELGRID_GATEWAY_GRACE_S", "seconds to drain in-flight calls on SIGTERM")
     log_level: str = setting("INFO", "MODELGRID_LOG_LEVEL", "log level: DEBUG, INFO, WARNING, ERROR")
@@ -94,6 +106,10 @@ class GatewayConfig:
             raise ValueError(f"--max-failovers must be >= 0, got {self.max_failovers}")
         if self.grace_s < 0:
             raise ValueError(f"--grace-s must be >= 0, got {self.grace_s}")
+        if self.job_lanes < 0 or self.job_generate_concurrency < 1 or self.max_job_items < 1:
+            raise ValueError("--job-lanes must be >= 0, --job-generate-concurrency and --max-job-items >= 1")
+        if self.job_task_timeout_s <= 0:
+            raise ValueError(f"--job-task-timeout-s must be > 0, got {self.job_task_timeout_s}")
         if self.auth not in ("required", "disabled"):
             raise ValueError(f"--auth must be 'required' or 'disabled', got {self.auth!r}")
         if self.auth_cache_s < 0 or self.rate_window_s <= 0:

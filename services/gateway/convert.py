@@ -7,12 +7,15 @@ from one hop to the next untouched.
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
 
 from modelgrid.errors import Unavailable
-from modelgrid.v1 import common_pb2, gateway_pb2
+from modelgrid.v1 import common_pb2, gateway_pb2, jobs_pb2
 from services.gateway.auth import KeyLimits, Principal
-from services.gateway.domain import Chunk, Embeddings, Hop, Route, VersionInfo
+from services.gateway.domain import Chunk, Embeddings, Hop, ItemOutput, JobSettings, Route, TaskLease, VersionInfo
+from services.gateway.job_inputs import JobInput, JobSubmission, check_items, parse_jsonl
 from services.gateway.metering import Traffic
 from services.gateway.validation import EmbedParams, GenerateParams, Limits, parse_embed, parse_generate
 
@@ -114,6 +117,63 @@ def embed_response(result: Embeddings, version: str) -> gateway_pb2.EmbedRespons
         version=version,
         usage=usage(result.prompt_tokens, 0),
     )
+
+
+# ---- batch jobs ----------------------------------------------------------------------------------
+
+def _optional(message: jobs_pb2.JobParams, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def job_settings_from_proto(p: jobs_pb2.JobParams) -> JobSettings:
+    return JobSettings(
+        max_tokens=_optional(p, "max_tokens"), temperature=_optional(p, "temperature"), top_p=_optional(p, "top_p"),
+        top_k=_optional(p, "top_k"), seed=_optional(p, "seed"), stop=tuple(p.stop), task_items=p.task_items,
+    )
+
+
+def job_settings_to_proto(s: JobSettings) -> jobs_pb2.JobParams:
+    fields = {k: v for k, v in (("max_tokens", s.max_tokens), ("temperature", s.temperature), ("top_p", s.top_p),
+                                ("top_k", s.top_k), ("seed", s.seed)) if v is not None}
+    return jobs_pb2.JobParams(stop=list(s.stop), task_items=s.task_items, **fields)
+
+
+def submission_from_proto(req: jobs_pb2.SubmitJobRequest, max_items: int, max_tokens_cap: int) -> JobSubmission:
+    """Checks every item (INVALID_ARGUMENT naming the bad line or item)."""
+    which = req.WhichOneof("inputs")
+    if which == "jsonl":
+        items = parse_jsonl(req.jsonl, req.kind, max_items, max_tokens_cap)
+    else:
+        fields = [{f.name: v for f, v in item.ListFields()} for item in req.items.items]
+        items = check_items(fields, req.kind, max_items, max_tokens_cap)
+    return JobSubmission(req.model, req.version, req.kind, tuple(items), job_settings_from_proto(req.params))
+
+
+def job_items_to_proto(items: Sequence[JobInput]) -> list[jobs_pb2.JobItem]:
+    return [jobs_pb2.JobItem(id=i.item_id, text=i.text, prompt=i.prompt, max_tokens=i.max_tokens) for i in items]
+
+
+def job_items_from_proto(reply: jobs_pb2.FetchJobItemsResponse) -> list[tuple[int, JobInput]]:
+    return [(x.index, JobInput(x.item.id, x.item.text, x.item.prompt, x.item.max_tokens)) for x in reply.items]
+
+
+def lease_from_proto(lease: jobs_pb2.TaskLease) -> TaskLease:
+    return TaskLease(
+        job_id=lease.job_id, task=lease.task, lease_id=lease.lease_id, start=lease.start, end=lease.end,
+        kind=lease.kind, settings=job_settings_from_proto(lease.params), route=route_from_proto(lease.route),
+        attempt=lease.attempt, lease_s=lease.lease_s,
+    )
+
+
+def outputs_to_proto(outputs: Sequence[ItemOutput]) -> list[jobs_pb2.JobResult]:
+    out = []
+    for o in outputs:
+        result = jobs_pb2.JobResult(index=o.index, text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
+                                    error=o.error)
+        if o.embedding is not None:
+            result.embedding.extend(o.embedding.tolist())
+        out.append(result)
+    return out
 
 
 # ---- tensors on the wire (numpy only: the gateway does not import torch) ----------------------

@@ -96,3 +96,50 @@ class Chunk:
 class Embeddings:
     vectors: Any  # numpy (B, hidden) float32, L2-normalised by the last stage
     prompt_tokens: int  # real (unpadded) tokens embedded, all texts together
+
+
+# ---- batch jobs (services/gateway/jobs.py, job_runner.py) -----------------------------------------
+
+@dataclass(frozen=True)
+class JobSettings:
+    """A job's parameters (JobParams); None = not set."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    task_items: int = 0  # 0 = the scheduler's default
+
+
+@dataclass(frozen=True)
+class TaskLease:
+    """A task the scheduler leased to this gateway: items [start, end) of a job, to run on `route`."""
+
+    job_id: str
+    task: int
+    lease_id: str
+    start: int
+    end: int
+    kind: str  # "embed" | "generate"
+    settings: JobSettings
+    route: Route
+    attempt: int
+    lease_s: float
+
+    @property
+    def label(self) -> str:
+        return f"job {self.job_id} task {self.task} (items {self.start}-{self.end - 1}, attempt {self.attempt})"
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    """What one item of a task produced, or its own error."""
+
+    index: int
+    embedding: Any = None  # numpy (hidden,) float32
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str = ""
+    error: str = ""

@@ -42,12 +42,16 @@ ADMIN_METHODS = (
     "RegisterModel", "SetAlias", "SetReplicas", "ListWorkers", "ListPlacements",
     "CreateKey", "ListKeys", "RevokeKey", "GetStats",
 )
+JOB_METHODS = ("SubmitJob", "GetJob", "WatchJob", "CancelJob", "ListJobs", "GetJobResults")
 POLICY: dict[str, Access] = {
     "/grpc.health.v1.Health/Check": Access(public=True),
     "/grpc.health.v1.Health/Watch": Access(public=True),
     _GATEWAY + "Generate": Access(stream=True, tokens=True),
     _GATEWAY + "Embed": Access(tokens=True),
     **{_GATEWAY + m: Access(admin=True) for m in ADMIN_METHODS},
+    # batch jobs: any key, each call one request; a job's items are not charged as tokens (services/gateway/jobs.py
+    # limits every call to the caller's own jobs unless the key is an admin key)
+    **{_GATEWAY + m: KEYED for m in JOB_METHODS},
     # the KServe Open Inference Protocol on the same server (services/gateway/kserve.py)
     "/inference.GRPCInferenceService/ServerLive": Access(public=True),
     "/inference.GRPCInferenceService/ServerReady": Access(public=True),

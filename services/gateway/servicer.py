@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 from services.common.rpc import rpc
 from services.gateway import convert
 from services.gateway.app import GatewayApp
@@ -123,3 +123,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayStats:
         return convert.stats_to_proto(self._app.meter.traffic, self._app.meter.active_streams)
+
+    # ---- batch jobs (services/gateway/jobs.py) ----------------------------------------------------
+
+    @rpc
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        config = self._app.config
+        submission = convert.submission_from_proto(request, config.max_job_items, config.max_tokens_cap)
+        return await self._app.jobs.submit(submission, current_principal(), _timeout(context))
+
+    @rpc
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        return await self._app.jobs.get(request.job_id, current_principal(), _timeout(context))
+
+    @rpc
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        async for job in self._app.jobs.watch(request.job_id, request.interval_s, current_principal()):
+            yield job
+
+    @rpc
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        return await self._app.jobs.cancel(request.job_id, current_principal(), _timeout(context))
+
+    @rpc
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return await self._app.jobs.list(list(request.states), request.limit, current_principal(), _timeout(context))
+
+    @rpc
+    async def GetJobResults(
+        self, request: jobs_pb2.GetJobResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.JobResult]:
+        async for result in self._app.jobs.results(request.job_id, request.start, current_principal(),
+                                                   _timeout(context, default=None)):
+            yield result
