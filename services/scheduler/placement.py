@@ -7,8 +7,12 @@ layers' weights, the embeddings when it is first, the head when it is last, and 
 minus what OTHER placements already use there).
 
 Search order: full replication before fewer replicas, then as few stages as possible; for each stage count
-the previous cut first (so a re-placement keeps surviving replicas where they are), then the most balanced
-cuts. Small models try every cut (exact); large ones try the byte-balanced cut and two capacity-guided cuts.
+the previous cut first (so a re-placement keeps surviving replicas where they are), then the cuts whose
+stages do the most even work, then the most even in bytes. A stage's work is the weights a forward pass
+reads: its layers, plus the LM head when it is last. The embeddings weigh in memory but not in work (a
+lookup reads one row per token), so the first stage takes more layers than the last: a pipeline runs at
+the pace of its slowest stage. Small models try every cut (exact); large ones try the work-balanced cut,
+the byte-balanced cut and two capacity-guided cuts.
 """
 
 from __future__ import annotations
@@ -83,26 +87,33 @@ def format_bytes(n: int) -> str:
 
 
 class _Cost:
-    """stage_bytes over prefix sums, so a stage's cost is O(1)."""
+    """stage_bytes over prefix sums, so a stage's cost is O(1); with work=True, the stage's work instead
+    (the bytes a forward pass reads: layers, and the head when last; no embeddings, no KV reserve)."""
 
-    def __init__(self, sizes: ModelSizes, kv_reserve_tokens: int) -> None:
-        per_layer_kv = sizes.kv_bytes_per_token_per_layer * kv_reserve_tokens
+    def __init__(self, sizes: ModelSizes, kv_reserve_tokens: int, work: bool = False) -> None:
+        per_layer_kv = 0 if work else sizes.kv_bytes_per_token_per_layer * kv_reserve_tokens
         self.n = sizes.num_layers
         self.sizes = sizes
+        self.work = work
         self.prefix = [0, *itertools.accumulate(b + per_layer_kv for b in sizes.layer_bytes)]
 
     def __call__(self, start: int, end: int) -> int:
         total = self.prefix[end] - self.prefix[start]
-        if start == 0:
+        if start == 0 and not self.work:
             total += self.sizes.embed_bytes
         if end == self.n:
             total += self.sizes.head_bytes
-        if start == 0 and end == self.n:
+        if start == 0 and end == self.n and not self.work:
             total -= self.sizes.shared_bytes
         return total
 
     def demands(self, cut: Sequence[int]) -> list[int]:
         return [self(a, b) for a, b in zip(cut, cut[1:])]
+
+
+def stage_work(sizes: ModelSizes, start: int, end: int) -> int:
+    """Bytes of weights a forward pass of layers [start, end) reads: what placement balances."""
+    return _Cost(sizes, 0, work=True)(start, end)
 
 
 def stage_bytes(sizes: ModelSizes, start: int, end: int, kv_reserve_tokens: int) -> int:
@@ -181,18 +192,20 @@ def _previous(
 def _candidate_cuts(
     cost: _Cost, s: int, r: int, pool: Sequence[WorkerCapacity], cache: dict[int, list[tuple[int, ...]]]
 ) -> list[tuple[int, ...]]:
-    """Cuts into s stages worth trying, most balanced first."""
+    """Cuts into s stages worth trying: the most even work first, then the most even bytes."""
     n = cost.n
+    work = _Cost(cost.sizes, 0, work=True)
     if math.comb(n - 1, s - 1) <= MAX_ENUMERATED_CUTS:
         if s not in cache:
             cuts = [(0, *inner, n) for inner in itertools.combinations(range(1, n), s - 1)]
-            cuts.sort(key=lambda c: (max(cost.demands(c)), c))
+            cuts.sort(key=lambda c: (max(work.demands(c)), max(cost.demands(c)), c))
             cache[s] = cuts
         return cache[s]
     frees = sorted((w.free for w in pool), reverse=True)
     caps = [frees[g * r + r - 1] for g in range(s)]  # the smallest worker of each group of r
     out: list[tuple[int, ...]] = []
-    for cut in (_balanced_cut(cost, s), _greedy_cut(cost, caps), _greedy_cut(cost, caps[::-1])):
+    cuts = (_balanced_cut(work, s), _balanced_cut(cost, s), _greedy_cut(cost, caps), _greedy_cut(cost, caps[::-1]))
+    for cut in cuts:
         if cut is not None and cut not in out:
             out.append(cut)
     return out
@@ -223,7 +236,7 @@ def _greedy_cut(cost: _Cost, caps: Sequence[int]) -> tuple[int, ...] | None:
 
 
 def _balanced_cut(cost: _Cost, s: int) -> tuple[int, ...]:
-    """The cut into s stages with the smallest largest stage (binary search on the cap)."""
+    """The cut into s stages with the smallest largest stage by `cost` (binary search on the cap)."""
     lo, hi = 0, cost(0, cost.n)
     best = _greedy_cut(cost, [hi] * s)
     assert best is not None

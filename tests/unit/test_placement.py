@@ -16,6 +16,7 @@ from services.scheduler.placement import (
     format_bytes,
     place,
     stage_bytes,
+    stage_work,
 )
 
 
@@ -71,6 +72,36 @@ def test_cuts_balance_bytes_not_layer_counts() -> None:
     plan = place(model, pool, num_stages=2)
     assert ranges(plan) == [(0, 3), (3, 4)]
     assert [s.bytes for s in plan.stages] == [300, 300]
+
+
+def test_cuts_balance_work_the_head_weighs_the_embeddings_do_not() -> None:
+    # The throughput bench's shape: 8 layers of 100, untied embeddings and head of 520 each. Bytes balance at
+    # [0,4)/[4,8) (920/920), but the last stage would read 920 bytes of weights per pass and the first 400:
+    # the work-balanced cut gives the first stage 7 layers (700 of work vs 620).
+    model = sizes(8, layer=100, embed=520, head=520)
+    assert stage_work(model, 0, 7) == 700 and stage_work(model, 7, 8) == 620
+    assert stage_work(model, 0, 8) == 1320
+    pool = workers(10_000, 10_000)
+    plan = place(model, pool, num_stages=2)
+    check(plan, model, pool, 1)
+    assert ranges(plan) == [(0, 7), (7, 8)]
+    assert [s.bytes for s in plan.stages] == [1220, 620]
+
+
+def test_work_balance_yields_to_memory() -> None:
+    # The work-balanced [0,7) needs 1220 bytes; with 1000-byte workers the next-best cut that fits is taken.
+    model = sizes(8, layer=100, embed=520, head=520)
+    pool = workers(1000, 1000)
+    plan = place(model, pool, num_stages=2)
+    check(plan, model, pool, 1)
+    assert ranges(plan) == [(0, 4), (4, 8)]
+
+
+def test_heuristic_cuts_try_the_work_balanced_cut_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(placement, "MAX_ENUMERATED_CUTS", 0)
+    model = sizes(8, layer=100, embed=520, head=520)
+    assert ranges(place(model, workers(10_000, 10_000), num_stages=2)) == [(0, 7), (7, 8)]
+    assert ranges(place(model, workers(1000, 1000), num_stages=2)) == [(0, 4), (4, 8)]
 
 
 def test_first_stage_carries_embeddings_last_carries_head_plus_kv_reserve() -> None:
