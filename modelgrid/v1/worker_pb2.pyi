@@ -46,7 +46,7 @@ class UnloadStageResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "model", "version", "start_layer", "end_layer", "epoch", "tokens", "hidden", "position", "reset", "sampling", "step", "attention_mask", "tokens_shape", "max_session_tokens")
+    __slots__ = ("session_id", "model", "version", "start_layer", "end_layer", "epoch", "tokens", "hidden", "position", "reset", "sampling", "step", "attention_mask", "tokens_shape", "max_session_tokens", "num_stages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class ForwardRequest(_message.Message):
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: str
@@ -77,7 +78,8 @@ class ForwardRequest(_message.Message):
     attention_mask: _common_pb2.Tensor
     tokens_shape: _containers.RepeatedScalarFieldContainer[int]
     max_session_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., reset: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., tokens_shape: _Optional[_Iterable[int]] = ..., max_session_tokens: _Optional[int] = ...) -> None: ...
+    num_stages: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., reset: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., tokens_shape: _Optional[_Iterable[int]] = ..., max_session_tokens: _Optional[int] = ..., num_stages: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -98,6 +100,28 @@ class ForwardResponse(_message.Message):
     embeddings: _common_pb2.Tensor
     cache_length: int
     def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+
+class ForwardBatchRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[ForwardRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[ForwardRequest, _Mapping]]] = ...) -> None: ...
+
+class ForwardResult(_message.Message):
+    __slots__ = ("response", "code", "message")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    response: ForwardResponse
+    code: str
+    message: str
+    def __init__(self, response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ForwardBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ForwardResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ForwardResult, _Mapping]]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

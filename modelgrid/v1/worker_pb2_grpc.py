@@ -51,6 +51,11 @@ class WorkerStub:
                 request_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardBatch = channel.unary_unary(
+                '/modelgrid.v1.Worker/ForwardBatch',
+                request_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/modelgrid.v1.Worker/CloseSession',
                 request_serializer=modelgrid_dot_v1_dot_worker__pb2.CloseSessionRequest.SerializeToString,
@@ -91,6 +96,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardBatch(self, request, context):
+        """Decoder steps of many sessions in one message (the gateway coalesces the steps of concurrent sessions
+        bound for this worker): queued together, so they share the stage's next pass. Each step succeeds or
+        fails on its own (see ForwardResult); the call itself fails only when the worker cannot take it at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Frees the session's KV cache on this worker. Idempotent.
         """
@@ -121,6 +135,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardBatch,
+                    request_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -215,6 +234,33 @@ class Worker:
             '/modelgrid.v1.Worker/Forward',
             modelgrid_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
             modelgrid_dot_v1_dot_worker__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgrid.v1.Worker/ForwardBatch',
+            modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
+            modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,7 @@ from modelgrid.v1 import (
 from services.common.tracing import traced_channel
 from services.gateway import convert
 from services.gateway.auth import Principal
+from services.gateway.coalesce import StepCoalescer
 from services.gateway.domain import Hop, Route, Sampling, VersionInfo
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,8 @@ class Workers:
     def __init__(self, channels: Channels) -> None:
         self._channels = channels
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
+        # concurrent sessions' decoder steps to the same worker go as one ForwardBatch
+        self._coalescer = StepCoalescer(self._call_forward, self._call_forward_batch)
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         """One stub per channel (a renewed channel gets a new stub), not one per hop per token."""
@@ -266,6 +269,7 @@ class Workers:
             reset=reset,
             step=step,
             max_session_tokens=max_session_tokens,
+            num_stages=len(route.hops),
             sampling=common_pb2.SamplingParams(
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed
             ),
@@ -274,7 +278,7 @@ class Workers:
             request.tokens.ids.extend(tokens)
         else:
             request.hidden.CopyFrom(hidden)
-        return await self._forward(hop, request, timeout)
+        return self._output(hop, await self._coalescer.submit(hop, request, timeout))
 
     async def forward_encoder(
         self,
@@ -303,14 +307,29 @@ class Workers:
         return await self._forward(hop, request, timeout)
 
     async def _forward(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> HopOutput:
+        return self._output(hop, await self._call_forward(hop, request, timeout))
+
+    async def _call_forward(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> Any:
         try:
-            reply = await self._stub(hop.address).Forward(request, timeout=timeout)
+            return await self._stub(hop.address).Forward(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNAVAILABLE and any(
-                m in (err.details() or "").lower() for m in _CONNECT_FAILED
-            ):
-                self._channels.renew(hop.address)
-            raise downstream_error(f"worker {hop.worker_id}", hop.address, err) from None
+            raise self._hop_error(hop, err) from None
+
+    async def _call_forward_batch(
+        self, hop: Hop, requests: Sequence[worker_pb2.ForwardRequest], timeout: float
+    ) -> Any:
+        try:
+            return await self._stub(hop.address).ForwardBatch(worker_pb2.ForwardBatchRequest(steps=requests),
+                                                              timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise self._hop_error(hop, err) from None
+
+    def _hop_error(self, hop: Hop, err: grpc.aio.AioRpcError) -> ModelGridError:
+        if err.code() == grpc.StatusCode.UNAVAILABLE and any(m in (err.details() or "").lower() for m in _CONNECT_FAILED):
+            self._channels.renew(hop.address)
+        return downstream_error(f"worker {hop.worker_id}", hop.address, err)
+
+    def _output(self, hop: Hop, reply: worker_pb2.ForwardResponse) -> HopOutput:
         which = reply.WhichOneof("output")
         if which == "hidden":
             return HopOutput(hidden=reply.hidden)

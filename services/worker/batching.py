@@ -92,7 +92,8 @@ def plan_pass(ready: Sequence[Pending], limits: BatchLimits) -> list[tuple[Pendi
 
 
 def pipeline_depth(num_layers: int, start: int, end: int) -> int:
-    """How many stages the model's pipeline has, guessed from this stage's share of the layers."""
+    """How many stages the model's pipeline has, guessed from this stage's share of the layers (when the
+    steps do not say: a cut that balances work rather than layers makes this guess wrong)."""
     return max(1, math.ceil(num_layers / max(1, end - start)))
 
 

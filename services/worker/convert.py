@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from modelgrid.errors import InvalidArgument
+from modelgrid.errors import InvalidArgument, ModelGridError
 from modelgrid.model.sampling import SamplingParams
 from modelgrid.v1 import common_pb2, registry_pb2, worker_pb2
 from services.worker.runtime import StageStatus, WorkerStatus
@@ -57,7 +57,31 @@ def decoder_step_from_proto(r: worker_pb2.ForwardRequest) -> DecoderStep:
         sampling=sampling_from_proto(r.sampling),
         step=int(r.step),
         max_session_tokens=int(r.max_session_tokens),
+        num_stages=max(0, int(r.num_stages)),
     )
+
+
+def decoder_batch_from_proto(
+    r: worker_pb2.ForwardBatchRequest,
+) -> list[tuple[StageKey, int, DecoderStep] | ModelGridError]:
+    """Each step of a ForwardBatch, or the error that makes it unusable (it fails alone)."""
+    steps: list[tuple[StageKey, int, DecoderStep] | ModelGridError] = []
+    for step in r.steps:
+        try:
+            steps.append((stage_key(step), int(step.epoch), decoder_step_from_proto(step)))
+        except ModelGridError as err:
+            steps.append(err)
+    return steps
+
+
+def forward_batch_response(results: list[StepResult | ModelGridError]) -> worker_pb2.ForwardBatchResponse:
+    reply = worker_pb2.ForwardBatchResponse()
+    for result in results:
+        if isinstance(result, ModelGridError):
+            reply.results.add(code=result.code, message=result.message)
+        else:
+            reply.results.add().response.CopyFrom(forward_response(result))
+    return reply
 
 
 def encoder_step_from_proto(r: worker_pb2.ForwardRequest) -> EncoderStep:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -22,11 +23,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import torch
 
-from modelgrid.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from modelgrid.errors import (
+    Aborted, FailedPrecondition, InvalidArgument, ModelGridError, ResourceExhausted, Unavailable,
+)
 from modelgrid.model.checkpoint import meta_stage, stage_tensor_names
 from modelgrid.model.errors import ModelFormatError
 from modelgrid.model.spec import ModelSpec
@@ -124,6 +127,7 @@ class WorkerRuntime:
         # decoder steps waiting for (or part-way through) the passes of their stage, in arrival order
         self._queues: dict[StageKey, list[Pending]] = {}
         self._scheduled: set[StageKey] = set()  # stages with a pass submitted to the torch thread
+        self._depths: dict[StageKey, int] = {}  # stages in the routes through each stage, as the gateway said
         self._queue_lock = threading.Lock()
         self._arrived = threading.Condition(self._queue_lock)  # notified when a step is queued
         self.stats = BatchStats()
@@ -270,20 +274,62 @@ class WorkerRuntime:
 
     async def decoder_step(self, key: StageKey, epoch: int, req: DecoderStep) -> StepResult:
         """Admit the step's session if it is new here, then queue the step for the stage's next passes."""
+        await self._check_and_admit(key, epoch, req)
+        (item,) = self._enqueue([(key, req)])
+        return await item.future
+
+    async def decoder_steps(
+        self, steps: Sequence[tuple[StageKey, int, DecoderStep] | ModelGridError]
+    ) -> list[StepResult | ModelGridError]:
+        """Many sessions' steps at once (a ForwardBatch): each checked and admitted, then all queued
+        together, so that one pass takes them all. Each step succeeds or fails alone; an error in
+        `steps` (a step that did not parse) is passed through as that step's result."""
+        checked = await asyncio.gather(
+            *(self._check_and_admit(*s) for s in steps if not isinstance(s, ModelGridError)), return_exceptions=True
+        )
+        results: list[Any] = []
+        ready: list[tuple[int, StageKey, DecoderStep]] = []
+        outcomes = iter(checked)
+        for s in steps:
+            outcome = s if isinstance(s, ModelGridError) else next(outcomes)
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, ModelGridError):
+                    raise outcome
+                results.append(outcome)
+            else:
+                ready.append((len(results), s[0], s[2]))
+                results.append(None)
+        items = self._enqueue([(key, req) for _, key, req in ready])
+        done = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        for (index, _, _), result in zip(ready, done):
+            if isinstance(result, BaseException) and not isinstance(result, ModelGridError):
+                raise result
+            results[index] = result
+        return results
+
+    async def _check_and_admit(self, key: StageKey, epoch: int, req: DecoderStep) -> None:
         stage = self.stage_for(key, epoch)
         if stage.spec.kind != "decoder":
             raise InvalidArgument(f"{key} is an encoder: send tokens_shape and attention_mask, no session")
         await self._admit(stage, key, req)
+        if req.num_stages:
+            self._depths[key] = req.num_stages
+
+    def _enqueue(self, steps: Sequence[tuple[StageKey, DecoderStep]]) -> list[Pending]:
+        """Queue checked steps for their stages' passes (under one lock, so a pass sees them all)."""
         loop = asyncio.get_running_loop()
-        item = Pending(req, loop.create_future())
+        items = [Pending(req, loop.create_future()) for _, req in steps]
+        submit = []
         with self._queue_lock:
-            self._queues.setdefault(key, []).append(item)
-            submit = key not in self._scheduled
-            self._scheduled.add(key)
+            for (key, _), item in zip(steps, items):
+                self._queues.setdefault(key, []).append(item)
+                if key not in self._scheduled:
+                    self._scheduled.add(key)
+                    submit.append(key)
             self._arrived.notify_all()
-        if submit:
+        for key in submit:
             self._submit_pass(key, loop)
-        return await item.future
+        return items
 
     async def _admit(self, stage: Stage, key: StageKey, req: DecoderStep) -> None:
         """Reserve the KV bytes of a session that starts (or replays from 0) on the stage; may wait."""
@@ -307,15 +353,18 @@ class WorkerRuntime:
     def _run_pass(self, key: StageKey, loop: asyncio.AbstractEventLoop) -> None:
         """In the torch thread: one pass over the steps queued for the stage; submit the next if any remain."""
         with self._queue_lock:
-            self._gather(key)
+            share = self._gather(key)
             queue = list(self._queues.get(key, ()))
         started = time.perf_counter()
         stage = self.stages.get(key)  # it may have been unloaded while the steps waited
         passes, steps = self.stats.passes, self.stats.steps
+        limits = self.limits
+        if 0 < share < limits.max_sessions:
+            limits = dataclasses.replace(limits, max_sessions=share)
         try:
             if stage is None:
                 raise FailedPrecondition(f"{key} is not loaded on worker {self.worker_id}")
-            ended = run_pass(stage.module, key, queue, self._context(), self.limits, self.stats)
+            ended = run_pass(stage.module, key, queue, self._context(), limits, self.stats)
         except BaseException as err:  # noqa: BLE001 - delivered to every caller; the rpc edge logs it
             ended = [(item, err) for item in queue]
         if self.stats.passes != passes:
@@ -341,21 +390,27 @@ class WorkerRuntime:
             raise InvalidArgument(f"{key} is a decoder: send a session id and position, no tokens_shape")
         return await self.run(run_encoder_step, stage.module, key, req, self._context())
 
-    def _gather(self, key: StageKey) -> None:
-        """With the queue lock held: wait up to limits.wait_s until the stage has its fair share of its
-        open sessions' steps queued (fair_share: with S stages, S groups keep all S busy at once); not
+    def _gather(self, key: StageKey) -> int:
+        """With the queue lock held: the stage's fair share of its open sessions' steps (fair_share: with
+        S stages, S groups keep all S busy at once; S is what the route's steps said, else a guess from the
+        stage's share of the layers), after waiting up to limits.wait_s until that many are queued; not
         while another stage of this worker has steps waiting for the thread. The lock is released
-        while waiting."""
+        while waiting. The pass then takes at most that many sessions: the rest join the next group,
+        so that groups of uneven size (sessions that started at different times) even out instead of
+        a small group leaving the stages idle while it waits for sessions that are in the big one."""
         stage = self.stages.get(key)
         if stage is None:
-            return
-        depth = pipeline_depth(stage.spec.num_layers, key.start, key.end)
+            return 0
+        depth = self._depths.get(key) or pipeline_depth(stage.spec.num_layers, key.start, key.end)
+        share = fair_share(self.sessions.count(key), depth)
         deadline = time.perf_counter() + self.limits.wait_s
-        while len(heads(self._queues.get(key, ()))) < fair_share(self.sessions.count(key), depth):
+        while len(heads(self._queues.get(key, ()))) < share:
             left = deadline - time.perf_counter()
             if left <= 0 or any(queue for other, queue in self._queues.items() if other != key):
-                return
+                break
             self._arrived.wait(left)
+            share = fair_share(self.sessions.count(key), depth)
+        return share
 
     def queued_steps(self) -> int:
         with self._queue_lock:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import grpc
 
+from modelgrid.errors import ModelGridError
 from modelgrid.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.rpc import rpc
 from services.worker import convert
 from services.worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -45,6 +49,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             step = convert.decoder_step_from_proto(request)
             result = await self.runtime.decoder_step(key, int(request.epoch), step)
         return convert.forward_response(result)
+
+    @rpc
+    async def ForwardBatch(
+        self, request: worker_pb2.ForwardBatchRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ForwardBatchResponse:
+        results = await self.runtime.decoder_steps(convert.decoder_batch_from_proto(request))
+        for step, result in zip(request.steps, results):
+            if isinstance(result, ModelGridError):
+                log.info("ForwardBatch step of session %s -> %s: %s", step.session_id, result.code, result.message)
+        return convert.forward_batch_response(results)
 
     @rpc
     async def CloseSession(

@@ -46,6 +46,7 @@ class DecoderStep:
     sampling: SamplingParams  # used by the last stage; its seed is the request's seed
     step: int
     max_session_tokens: int  # 0 = the model's context
+    num_stages: int = 0  # stages in the gateway's route; 0 = unknown
 
 
 @dataclass

@@ -485,3 +485,30 @@ async def test_concurrent_sessions_are_batched_and_match_one_at_a_time(workers: 
     for got, want in zip(together, alone):
         assert [t for t, _ in got] == [t for t, _ in want]
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4)
+
+
+async def test_forward_batch_shares_a_pass_and_each_step_fails_alone(workers: Workers) -> None:
+    stub, app = await workers.start("coalesced")
+    await stub.LoadStage(load_req(0, 4))
+    prompts = [[1, 5 + i, 9, 200 + 3 * i][: 2 + i] for i in range(3)]
+    alone = []
+    for i, p in enumerate(prompts):
+        a = await stub.Forward(fwd(f"alone-{i}", 0, 4, 0, tokens=p))
+        b = await stub.Forward(fwd(f"alone-{i}", 0, 4, len(p), tokens=[a.token.token_id], step=1))
+        alone.append([a.token.token_id, b.token.token_id])
+
+    steps = [fwd(f"together-{i}", 0, 4, 0, tokens=p) for i, p in enumerate(prompts)]
+    steps.insert(1, fwd("lost", 0, 4, 5, tokens=[3]))  # a session this worker never saw, mid-way
+    steps.append(fwd("elsewhere", 0, 2, 0, tokens=[3]))  # a stage this worker does not hold
+    steps.append(worker_pb2.ForwardRequest(session_id="", model=MODEL, version="v1", start_layer=0, end_layer=4))
+    reply = await stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=steps))
+    codes = [r.code for r in reply.results]
+    assert codes == ["", "FAILED_PRECONDITION", "", "", "FAILED_PRECONDITION", "INVALID_ARGUMENT"]
+    assert "position 5" in reply.results[1].message and "not loaded" in reply.results[4].message
+    assert len(prompts) in app.runtime.batch_sizes  # the three good prefills ran as one forward pass
+    firsts = [r.response.token.token_id for r in reply.results if not r.code]
+
+    decodes = [fwd(f"together-{i}", 0, 4, len(p), tokens=[firsts[i]], step=1) for i, p in enumerate(prompts)]
+    reply = await stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=decodes))
+    assert [[f, r.response.token.token_id] for f, r in zip(firsts, reply.results)] == alone
+    assert [r.response.cache_length for r in reply.results] == [len(p) + 1 for p in prompts]

@@ -12,10 +12,12 @@ import torch
 from modelgrid.errors import FailedPrecondition, ResourceExhausted
 from modelgrid.model import load_stage, write_random_checkpoint
 from modelgrid.model.sampling import SamplingParams
+from modelgrid.v1 import worker_pb2
 from services.common.settings import parse_settings
 from services.worker.admission import KVAdmission
 from services.worker.batching import BatchLimits, BatchStats, Pending, fair_share, heads, pipeline_depth, plan_pass
 from services.worker.config import WorkerConfig
+from services.worker.convert import decoder_step_from_proto
 from services.worker.sessions import SessionStore, StageKey
 from services.worker.steps import DecoderStep, StepContext, run_pass
 
@@ -190,6 +192,14 @@ def test_a_pass_aims_at_its_share_of_the_sessions_going_round_the_pipeline() -> 
     assert [pipeline_depth(8, a, b) for a, b in ((0, 4), (4, 8), (0, 8), (0, 5), (5, 8))] == [2, 2, 1, 2, 3]
     assert [fair_share(n, 2) for n in (0, 1, 2, 3, 16)] == [0, 1, 1, 2, 8]
     assert fair_share(16, 1) == 16  # one stage: everyone in the same pass
+
+
+def test_a_step_carries_the_routes_stage_count() -> None:
+    request = worker_pb2.ForwardRequest(session_id="s", num_stages=2)
+    request.tokens.ids.extend([1, 2])
+    assert decoder_step_from_proto(request).num_stages == 2
+    request.num_stages = 0  # an older gateway: the worker guesses from its share of the layers
+    assert decoder_step_from_proto(request).num_stages == 0
 
 
 def test_one_step_per_session_and_at_most_max_sessions() -> None:

@@ -1,0 +1,107 @@
+"""Decoder steps bound for the same worker leave together, as one ForwardBatch message.
+
+Sessions that are decoding at once reach each hop at nearly the same moment: the previous stage's
+reply to a batch wakes them all in the same turn of the event loop. Each step is held until the end
+of that turn (loop.call_soon), and everything held for one worker address then goes in one call,
+instead of one gRPC call per session per hop. The worker queues a batch's steps together, so they
+share its next forward pass. A lone step goes as a plain Forward, as before.
+
+Every step keeps its own outcome: the worker answers each one (a result or a status code), and a
+call that fails as a whole (the worker unreachable, the batch's deadline) fails each of its steps
+with the same error, so every session handles it as it would a failed Forward (replay, failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from modelgrid.errors import DeadlineExceeded, ModelGridError, from_code
+from services.gateway.domain import Hop
+
+log = logging.getLogger(__name__)
+
+# (hop, request, timeout) -> the worker's ForwardResponse; raises a domain error
+SendOne = Callable[[Hop, Any, float], Awaitable[Any]]
+# (hop, requests, timeout) -> the worker's ForwardBatchResponse (one result per request); raises a domain error
+SendMany = Callable[[Hop, Sequence[Any], float], Awaitable[Any]]
+
+
+@dataclass(eq=False)
+class _Held:
+    hop: Hop
+    request: Any  # worker_pb2.ForwardRequest
+    timeout: float
+    future: asyncio.Future = field(repr=False)
+
+
+class StepCoalescer:
+    """Holds the steps submitted during one event-loop turn, per worker address, and sends them together."""
+
+    def __init__(self, send_one: SendOne, send_many: SendMany) -> None:
+        self._send_one = send_one
+        self._send_many = send_many
+        self._held: dict[str, list[_Held]] = {}
+        self._calls: set[asyncio.Task] = set()
+
+    async def submit(self, hop: Hop, request: Any, timeout: float) -> Any:
+        """The worker's ForwardResponse to this step; raises the step's error as a domain error."""
+        loop = asyncio.get_running_loop()
+        held = _Held(hop, request, timeout, loop.create_future())
+        waiting = self._held.setdefault(hop.address, [])
+        if not waiting:
+            loop.call_soon(self._flush, hop.address)
+        waiting.append(held)
+        try:
+            # asyncio.wait, not wait_for: a cancelled request must not be swallowed (Python 3.11)
+            done, _ = await asyncio.wait({held.future}, timeout=timeout)
+        finally:
+            if not held.future.done():
+                held.future.cancel()
+        if not done:
+            raise DeadlineExceeded(f"worker {hop.worker_id} at {hop.address} did not answer before the request's deadline")
+        return held.future.result()
+
+    def _flush(self, address: str) -> None:
+        batch = [h for h in self._held.pop(address, ()) if not h.future.done()]
+        if batch:
+            call = asyncio.ensure_future(self._send(batch))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _send(self, batch: list[_Held]) -> None:
+        hop = batch[0].hop
+        timeout = max(h.timeout for h in batch)
+        try:
+            if len(batch) == 1:
+                _settle(batch[0], await self._send_one(hop, batch[0].request, timeout))
+                return
+            reply = await self._send_many(hop, [h.request for h in batch], timeout)
+        except ModelGridError as err:
+            for held in batch:
+                _settle(held, from_code(err.code, err.message))
+            return
+        except Exception as err:  # noqa: BLE001 - a bug: each caller gets it rather than hanging
+            log.exception("ForwardBatch to %s failed", hop.address)
+            for held in batch:
+                _settle(held, err)
+            return
+        if len(reply.results) != len(batch):
+            err = from_code("UNAVAILABLE", f"worker {hop.worker_id} at {hop.address} answered {len(reply.results)} "
+                                           f"results for {len(batch)} steps")
+            for held in batch:
+                _settle(held, err)
+            return
+        for held, result in zip(batch, reply.results):
+            _settle(held, from_code(result.code, result.message) if result.code else result.response)
+
+
+def _settle(held: _Held, outcome: Any) -> None:
+    if held.future.done():  # the caller went away (cancelled, or past its deadline)
+        return
+    if isinstance(outcome, BaseException):
+        held.future.set_exception(outcome)
+    else:
+        held.future.set_result(outcome)

@@ -1,0 +1,97 @@
+"""StepCoalescer: steps submitted in one event-loop turn for one worker go as one call; each keeps its outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from modelgrid.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from modelgrid.v1 import worker_pb2
+from services.gateway.coalesce import StepCoalescer
+from services.gateway.domain import Hop
+
+A = Hop(0, 2, "wa", "10.0.0.1:1")
+B = Hop(2, 4, "wb", "10.0.0.2:1")
+
+
+def step(session: str) -> worker_pb2.ForwardRequest:
+    return worker_pb2.ForwardRequest(session_id=session, position=3)
+
+
+class FakeWorkers:
+    """Answers each step with its session id's length as cache_length, or what `fail` says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.fail: dict[str, str] = {}  # session id -> status code name for that step
+        self.down: Exception | None = None  # the whole call fails
+        self.delay = 0.0
+
+    async def one(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> worker_pb2.ForwardResponse:
+        self.calls.append((hop.address, [request.session_id]))
+        await asyncio.sleep(self.delay)
+        if self.down is not None:
+            raise self.down
+        return worker_pb2.ForwardResponse(cache_length=len(request.session_id))
+
+    async def many(self, hop: Hop, requests, timeout: float) -> worker_pb2.ForwardBatchResponse:  # noqa: ANN001
+        self.calls.append((hop.address, [r.session_id for r in requests]))
+        await asyncio.sleep(self.delay)
+        if self.down is not None:
+            raise self.down
+        reply = worker_pb2.ForwardBatchResponse()
+        for r in requests:
+            if r.session_id in self.fail:
+                reply.results.add(code=self.fail[r.session_id], message=f"{r.session_id} failed")
+            else:
+                reply.results.add().response.cache_length = len(r.session_id)
+        return reply
+
+
+def coalescer() -> tuple[StepCoalescer, FakeWorkers]:
+    fake = FakeWorkers()
+    return StepCoalescer(fake.one, fake.many), fake
+
+
+async def test_steps_of_one_turn_go_together_per_worker_and_a_lone_step_goes_alone() -> None:
+    c, fake = coalescer()
+    replies = await asyncio.gather(
+        c.submit(A, step("s1"), 5), c.submit(A, step("s22"), 5), c.submit(B, step("s333"), 5)
+    )
+    assert [r.cache_length for r in replies] == [2, 3, 4]
+    assert sorted(fake.calls) == [("10.0.0.1:1", ["s1", "s22"]), ("10.0.0.2:1", ["s333"])]
+    await c.submit(A, step("later"), 5)
+    assert fake.calls[-1] == ("10.0.0.1:1", ["later"])
+
+
+async def test_a_failed_step_fails_alone_with_its_code() -> None:
+    c, fake = coalescer()
+    fake.fail["bad"] = "FAILED_PRECONDITION"
+    results = await asyncio.gather(c.submit(A, step("ok"), 5), c.submit(A, step("bad"), 5), return_exceptions=True)
+    assert results[0].cache_length == 2
+    assert isinstance(results[1], FailedPrecondition) and results[1].message == "bad failed"
+
+
+async def test_a_failed_call_fails_every_step_with_its_own_error() -> None:
+    c, fake = coalescer()
+    fake.down = Unavailable("worker wa at 10.0.0.1:1 is unavailable: connection refused")
+    results = await asyncio.gather(*(c.submit(A, step(f"s{i}"), 5) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, Unavailable) and "connection refused" in r.message for r in results)
+    assert len({id(r) for r in results}) == 3
+
+
+async def test_deadline_and_cancellation_end_one_step_not_the_others() -> None:
+    c, fake = coalescer()
+    fake.delay = 0.2
+    short = asyncio.ensure_future(c.submit(A, step("short"), 0.05))
+    cancelled = asyncio.ensure_future(c.submit(A, step("gone"), 5))
+    patient = asyncio.ensure_future(c.submit(A, step("patient"), 5))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    with pytest.raises(DeadlineExceeded, match="did not answer before the request's deadline"):
+        await short
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert (await patient).cache_length == 7
+    assert fake.calls == [("10.0.0.1:1", ["short", "gone", "patient"])]
