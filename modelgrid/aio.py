@@ -8,16 +8,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import grpc
 
-from modelgrid import admin, convert, types
+from modelgrid import admin, convert, jobs, types
 from modelgrid.channel import aio_channel
 from modelgrid.client import resolve_address
 from modelgrid.upload import ProgressFn, aiter_upload_chunks, plan_upload
-from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 
 
 class AsyncClient:
@@ -184,3 +185,40 @@ class AsyncClient:
 
     async def revoke_key(self, key: str) -> admin.ApiKeyInfo:
         return admin.key_from_proto(await self._unary(self._stub.RevokeKey, common_pb2.RevokeKeyRequest(key=key)))
+
+    # -- batch jobs (see Client.submit_job) ---------------------------------------------------
+    async def submit_job(self, model: str, kind: str, items: jobs.Items | None = None,
+                         jsonl: str | os.PathLike[str] | bytes | None = None, **params: Any) -> jobs.JobInfo:
+        request = await asyncio.to_thread(jobs.submit_request, model, kind, items, jsonl, **params)
+        return jobs.job_from_proto(await self._unary(self._stub.SubmitJob, request))
+
+    async def get_job(self, job_id: str) -> jobs.JobInfo:
+        return jobs.job_from_proto(await self._unary(self._stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+
+    async def watch_job(self, job_id: str, interval_s: float = 0.5) -> AsyncIterator[jobs.JobInfo]:
+        request = jobs_pb2.WatchJobRequest(job_id=job_id, interval_s=interval_s)
+        async for message in self._server_stream(self._stub.WatchJob, request):
+            yield jobs.job_from_proto(message)
+
+    async def cancel_job(self, job_id: str) -> jobs.JobInfo:
+        request = jobs_pb2.CancelJobRequest(job_id=job_id)
+        return jobs.job_from_proto(await self._unary(self._stub.CancelJob, request))
+
+    async def list_jobs(self, states: Sequence[str] = (), limit: int = 50) -> list[jobs.JobInfo]:
+        reply = await self._unary(self._stub.ListJobs, jobs_pb2.ListJobsRequest(states=list(states), limit=limit))
+        return [jobs.job_from_proto(j) for j in reply.jobs]
+
+    async def job_results(self, job_id: str, start: int = 0) -> AsyncIterator[jobs.JobResult]:
+        request = jobs_pb2.GetJobResultsRequest(job_id=job_id, start=start)
+        async for message in self._server_stream(self._stub.GetJobResults, request):
+            yield jobs.result_from_proto(message)
+
+    async def _server_stream(self, method: Callable[..., Any], request: Any) -> AsyncIterator[Any]:
+        call = method(request, timeout=self.timeout, metadata=self._metadata)
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as err:
+            raise convert.error_from_rpc(err, self.address) from err
+        finally:
+            call.cancel()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from modelgrid import types
 from modelgrid.cli_admin import add_admin_commands, add_key_argument, find_api_key
+from modelgrid.cli_jobs import add_job_commands
 from modelgrid.client import ADDRESS_ENV, DEFAULT_ADDRESS, Client
 from modelgrid.convert import CompletionBuilder
 from modelgrid.errors import ModelGridError
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     plc.set_defaults(func=cmd_placement)
 
     add_admin_commands(sub, client, as_json, _client)
+    add_job_commands(sub, client, as_json, _client)
 
     # Listed for --help only: main() hands `make-checkpoint ...` to modelgrid.model.cli before parsing.
     sub.add_parser("make-checkpoint", help="write a random Hugging Face checkpoint (see make-checkpoint --help)",

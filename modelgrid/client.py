@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
-from modelgrid import admin, convert, types
+from modelgrid import admin, convert, jobs, types
 from modelgrid.channel import sync_channel
 from modelgrid.upload import ProgressFn, iter_upload_chunks, plan_upload
-from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 
 DEFAULT_ADDRESS = "localhost:50051"
 ADDRESS_ENV = "MODELGRID_GATEWAY"
@@ -195,3 +195,44 @@ class Client:
     def revoke_key(self, key: str) -> admin.ApiKeyInfo:
         """Revoke a key by name or key id; gateways stop accepting it within seconds."""
         return admin.key_from_proto(self._unary(self._stub.RevokeKey, common_pb2.RevokeKeyRequest(key=key)))
+
+    # -- batch jobs --------------------------------------------------------------------------
+    def submit_job(self, model: str, kind: str, items: jobs.Items | None = None,
+                   jsonl: str | os.PathLike[str] | bytes | None = None, **params: Any) -> jobs.JobInfo:
+        """Submit a batch job ("embed" or "generate") over items (texts/prompts or dicts) or a JSONL file.
+
+        params: version, max_tokens, temperature (default 0), top_p, top_k, seed, stop, task_items. A bad item
+        raises InvalidArgument naming its line (or index) before anything runs.
+        """
+        request = jobs.submit_request(model, kind, items, jsonl, **params)
+        return jobs.job_from_proto(self._unary(self._stub.SubmitJob, request))
+
+    def get_job(self, job_id: str) -> jobs.JobInfo:
+        return jobs.job_from_proto(self._unary(self._stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+
+    def watch_job(self, job_id: str, interval_s: float = 0.5) -> Iterator[jobs.JobInfo]:
+        """The job now, then whenever its progress changes, until it ends."""
+        request = jobs_pb2.WatchJobRequest(job_id=job_id, interval_s=interval_s)
+        return (jobs.job_from_proto(m) for m in self._server_stream(self._stub.WatchJob, request))
+
+    def cancel_job(self, job_id: str) -> jobs.JobInfo:
+        """Stop handing out the job's tasks; the result says how many items finished."""
+        return jobs.job_from_proto(self._unary(self._stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
+
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 50) -> list[jobs.JobInfo]:
+        reply = self._unary(self._stub.ListJobs, jobs_pb2.ListJobsRequest(states=list(states), limit=limit))
+        return [jobs.job_from_proto(j) for j in reply.jobs]
+
+    def job_results(self, job_id: str, start: int = 0) -> Iterator[jobs.JobResult]:
+        """Finished items in input order, streamed."""
+        request = jobs_pb2.GetJobResultsRequest(job_id=job_id, start=start)
+        return (jobs.result_from_proto(m) for m in self._server_stream(self._stub.GetJobResults, request))
+
+    def _server_stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+        call = method(request, timeout=self.timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise convert.error_from_rpc(err, self.address) from err
+        finally:
+            call.cancel()
