@@ -118,7 +118,10 @@ class JobRunner:
                 continue
             idle = False
             self._work.set()
-            await self._run(lease)
+            try:
+                await self._run(lease)
+            except Exception:  # a bug must not end the lane; the task's lease expires and it runs again
+                log.exception("%s: the executor failed", lease.label)
 
     async def _run(self, lease: TaskLease) -> None:
         keeper = asyncio.create_task(self._keep_leased(lease), name=f"lease-{lease.job_id}-{lease.task}")

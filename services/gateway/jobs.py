@@ -19,7 +19,7 @@ from services.gateway import convert
 from services.gateway.auth import Principal
 from services.gateway.job_clients import JobQueueClient, JobStoreClient
 from services.gateway.job_inputs import JobSubmission
-from services.gateway.upstream import VersionCache
+from services.gateway.upstream import DEFAULT_TIMEOUT_S, VersionCache
 from services.gateway.validation import Limits, parse_generate
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class JobsApi:
         # a fixed seed per job: a task that runs again samples the same tokens (item i uses seed + i)
         return replace(s, temperature=temperature, seed=s.seed if s.seed is not None else secrets.randbits(62))
 
-    async def get(self, job_id: str, caller: Principal, timeout: float | None = None) -> jobs_pb2.Job:
+    async def get(self, job_id: str, caller: Principal, timeout: float | None = DEFAULT_TIMEOUT_S) -> jobs_pb2.Job:
         if not job_id:
             raise InvalidArgument("job_id is required")
         job = await self.store.get(job_id, timeout)
