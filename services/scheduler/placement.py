@@ -8,10 +8,10 @@ minus what OTHER placements already use there).
 
 Search order: full replication before fewer replicas, then as few stages as possible; for each stage count
 the previous cut first (so a re-placement keeps surviving replicas where they are), then the cuts whose
-stages do the most even work, then the most even in bytes. A stage's work is the weights a forward pass
-reads: its layers, plus the LM head when it is last. The embeddings weigh in memory but not in work (a
-lookup reads one row per token), so the first stage takes more layers than the last: a pipeline runs at
-the pace of its slowest stage. Small models try every cut (exact); large ones try the work-balanced cut,
+stages do the most even work, then the most even in bytes. A stage's work is what a forward pass reads:
+its layers' weights and KV caches (the reserve stands for them), plus the LM head when it is last. The
+embeddings weigh in memory but not in work (a lookup reads one row per token), so the first stage takes
+more layers than the last: a pipeline runs at the pace of its slowest stage. Small models try every cut (exact); large ones try the work-balanced cut,
 the byte-balanced cut and two capacity-guided cuts.
 """
 
@@ -88,13 +88,14 @@ def format_bytes(n: int) -> str:
 
 class _Cost:
     """stage_bytes over prefix sums, so a stage's cost is O(1); with work=True, the stage's work instead
-    (the bytes a forward pass reads: layers, and the head when last; no embeddings, no KV reserve)."""
+    (the bytes a forward pass reads: layers and their KV reserve, and the head when last; no embeddings)."""
 
     def __init__(self, sizes: ModelSizes, kv_reserve_tokens: int, work: bool = False) -> None:
-        per_layer_kv = 0 if work else sizes.kv_bytes_per_token_per_layer * kv_reserve_tokens
+        per_layer_kv = sizes.kv_bytes_per_token_per_layer * kv_reserve_tokens
         self.n = sizes.num_layers
         self.sizes = sizes
         self.work = work
+        self.kv_reserve_tokens = kv_reserve_tokens
         self.prefix = [0, *itertools.accumulate(b + per_layer_kv for b in sizes.layer_bytes)]
 
     def __call__(self, start: int, end: int) -> int:
@@ -110,10 +111,14 @@ class _Cost:
     def demands(self, cut: Sequence[int]) -> list[int]:
         return [self(a, b) for a, b in zip(cut, cut[1:])]
 
+    def work_cost(self) -> "_Cost":
+        return _Cost(self.sizes, self.kv_reserve_tokens, work=True)
 
-def stage_work(sizes: ModelSizes, start: int, end: int) -> int:
-    """Bytes of weights a forward pass of layers [start, end) reads: what placement balances."""
-    return _Cost(sizes, 0, work=True)(start, end)
+
+def stage_work(sizes: ModelSizes, start: int, end: int, kv_reserve_tokens: int) -> int:
+    """Bytes a forward pass of layers [start, end) reads (weights, KV reserve, no embeddings): what placement
+    balances."""
+    return _Cost(sizes, kv_reserve_tokens, work=True)(start, end)
 
 
 def stage_bytes(sizes: ModelSizes, start: int, end: int, kv_reserve_tokens: int) -> int:
@@ -194,7 +199,7 @@ def _candidate_cuts(
 ) -> list[tuple[int, ...]]:
     """Cuts into s stages worth trying: the most even work first, then the most even bytes."""
     n = cost.n
-    work = _Cost(cost.sizes, 0, work=True)
+    work = cost.work_cost()
     if math.comb(n - 1, s - 1) <= MAX_ENUMERATED_CUTS:
         if s not in cache:
             cuts = [(0, *inner, n) for inner in itertools.combinations(range(1, n), s - 1)]

@@ -79,13 +79,20 @@ def test_cuts_balance_work_the_head_weighs_the_embeddings_do_not() -> None:
     # [0,4)/[4,8) (920/920), but the last stage would read 920 bytes of weights per pass and the first 400:
     # the work-balanced cut gives the first stage 7 layers (700 of work vs 620).
     model = sizes(8, layer=100, embed=520, head=520)
-    assert stage_work(model, 0, 7) == 700 and stage_work(model, 7, 8) == 620
-    assert stage_work(model, 0, 8) == 1320
+    assert stage_work(model, 0, 7, 0) == 700 and stage_work(model, 7, 8, 0) == 620
+    assert stage_work(model, 0, 8, 0) == 1320
     pool = workers(10_000, 10_000)
     plan = place(model, pool, num_stages=2)
     check(plan, model, pool, 1)
     assert ranges(plan) == [(0, 7), (7, 8)]
     assert [s.bytes for s in plan.stages] == [1220, 620]
+    # a pass also reads its sessions' KV caches, layer by layer: with a reserve of 10 tokens of 3 bytes a
+    # layer weighs 130, and [0,6)/[6,8) (780/780) is the even cut
+    kv_model = sizes(8, layer=100, embed=520, head=520, kv=3)
+    assert stage_work(kv_model, 0, 6, 10) == 780 and stage_work(kv_model, 6, 8, 10) == 780
+    plan = place(kv_model, pool, num_stages=2, kv_reserve_tokens=10)
+    check(plan, kv_model, pool, 1, 10)
+    assert ranges(plan) == [(0, 6), (6, 8)]
 
 
 def test_work_balance_yields_to_memory() -> None:
