@@ -54,15 +54,13 @@ class StepCoalescer:
         if not waiting:
             loop.call_soon(self._flush, hop.address)
         waiting.append(held)
+        # a timer rather than asyncio.wait_for (which swallows a cancellation on Python 3.11) or asyncio.wait
+        # (a set, a waiter and callbacks per step per hop)
+        timer = loop.call_later(timeout, _expire, held)
         try:
-            # asyncio.wait, not wait_for: a cancelled request must not be swallowed (Python 3.11)
-            done, _ = await asyncio.wait({held.future}, timeout=timeout)
+            return await held.future
         finally:
-            if not held.future.done():
-                held.future.cancel()
-        if not done:
-            raise DeadlineExceeded(f"worker {hop.worker_id} at {hop.address} did not answer before the request's deadline")
-        return held.future.result()
+            timer.cancel()
 
     def _flush(self, address: str) -> None:
         batch = [h for h in self._held.pop(address, ()) if not h.future.done()]
@@ -96,6 +94,12 @@ class StepCoalescer:
             return
         for held, result in zip(batch, reply.results):
             _settle(held, from_code(result.code, result.message) if result.code else result.response)
+
+
+def _expire(held: _Held) -> None:
+    hop = held.hop
+    _settle(held, DeadlineExceeded(f"worker {hop.worker_id} at {hop.address} did not answer before the request's "
+                                   "deadline"))
 
 
 def _settle(held: _Held, outcome: Any) -> None:
