@@ -44,8 +44,8 @@ class JobsApi:
         version = await self._versions.resolve(sub.model, sub.version, timeout)
         if version.kind != KIND_NEEDS[sub.kind]:
             other = "generate" if sub.kind == "embed" else "embed"
-            raise FailedPrecondition(f"{version.label} is a {version.kind} ({version.architecture}): a {sub.kind} "
-                                     f"job needs a {KIND_NEEDS[sub.kind]}; submit a {other} job instead")
+            raise FailedPrecondition(f"{version.label} is a {version.kind} ({version.architecture}): {sub.kind} "
+                                     f"jobs run on {KIND_NEEDS[sub.kind]} models; submit a {other} job instead")
         settings = self._check_settings(sub)
         request = jobs_pb2.CreateJobRequest(
             model=version.model, version=version.version, kind=sub.kind, owner=caller.key_id,
