@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ENDED = ("succeeded", "failed", "cancelled")
 KIND_NEEDS = {"embed": "encoder", "generate": "decoder"}
+WITH_ARTICLE = {"encoder": "an encoder", "decoder": "a decoder", "embed": "an embed", "generate": "a generate"}
 MAX_TASK_ITEMS = 100_000
 MIN_WATCH_S, DEFAULT_WATCH_S = 0.1, 0.5
 DEFAULT_LIST = 50
@@ -44,8 +45,9 @@ class JobsApi:
         version = await self._versions.resolve(sub.model, sub.version, timeout)
         if version.kind != KIND_NEEDS[sub.kind]:
             other = "generate" if sub.kind == "embed" else "embed"
-            raise FailedPrecondition(f"{version.label} is a {version.kind} ({version.architecture}): {sub.kind} "
-                                     f"jobs run on {KIND_NEEDS[sub.kind]} models; submit a {other} job instead")
+            raise FailedPrecondition(f"{version.label} ({version.architecture}) is {WITH_ARTICLE[version.kind]} model: "
+                                     f"{sub.kind} jobs run on {KIND_NEEDS[sub.kind]} models; submit "
+                                     f"{WITH_ARTICLE[other]} job instead")
         settings = self._check_settings(sub)
         request = jobs_pb2.CreateJobRequest(
             model=version.model, version=version.version, kind=sub.kind, owner=caller.key_id,

@@ -141,7 +141,7 @@ async def test_malformed_jsonl_fails_before_any_work(stack: Stack) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stack.gateway.SubmitJob(jobs_pb2.SubmitJobRequest(model=BERT, kind="generate", jsonl=b'{"prompt":"x"}'))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "needs a decoder" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "generate jobs run on decoder models" in err.value.details()
     assert len((await stack.gateway.ListJobs(jobs_pb2.ListJobsRequest())).jobs) == len(before)  # nothing recorded
 
 
