@@ -142,16 +142,21 @@ async def generate(
     """Stream one chunk per generated token; the last chunk has finish_reason and usage.
 
     Ends on an EOS id, a stop sequence, or max_tokens; CloseSession reaches every hop whatever ends it
-    (the client cancelling, the deadline, an error).
+    (the client cancelling, the deadline, an error). Step i + 1 starts before chunk i is handed to the
+    client, so writing to the client is not on the pipeline's critical path (and the steps of sessions
+    woken by the same reply reach the next hop together, to be coalesced).
     """
     session = session or Session(router, plan)
     detok = tokenizer.detokenizer(plan.prompt_ids)
     stops = StopMatcher(plan.stop)
     eos = plan.version.eos_ids
-    new_ids: Sequence[int] = plan.prompt_ids
+    ahead: asyncio.Future | None = None  # the next step, running while the consumer takes the chunk
     try:
+        token_id, logprob = await session.step(plan.prompt_ids, 0)
         for index in range(plan.max_tokens):
-            token_id, logprob = await session.step(new_ids, index)
+            if ahead is not None:
+                running, ahead = ahead, None
+                token_id, logprob = await running  # cancelling this request cancels the step too
             finish = None
             if token_id in eos:
                 text, stopped = stops.feed(detok.flush())  # the EOS token itself adds no text
@@ -166,13 +171,21 @@ async def generate(
                     text += tail + stops.flush()
                     finish = "stop" if stopped else "length"
             if finish is None:
+                ahead = asyncio.ensure_future(session.step((token_id,), index + 1))
                 yield Chunk(text, token_id, logprob, index)
-                new_ids = (token_id,)
                 continue
             yield Chunk(text, token_id, logprob, index, finish, len(plan.prompt_ids), index + 1)
             return
     finally:
-        await close_shielded(session)
+        try:
+            if ahead is not None:  # the consumer went away while a step ran ahead: end it before the close
+                ahead.cancel()
+                await asyncio.wait({ahead})
+                if not ahead.cancelled() and ahead.exception() is not None:
+                    log.debug("session %s: the step ahead failed after the stream ended: %s", session.session_id,
+                              ahead.exception())
+        finally:
+            await close_shielded(session)
 
 
 # ---- embeddings ------------------------------------------------------------------------------

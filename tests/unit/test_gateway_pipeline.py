@@ -229,6 +229,21 @@ async def test_cancel_closes_the_session_on_every_hop(tokenizer) -> None:
     assert len(seen) < 100
 
 
+async def test_the_next_step_runs_while_the_consumer_holds_a_chunk_and_ends_with_the_stream(tokenizer) -> None:
+    router, _, workers = make([40] * 10)
+    workers.delay_s = 0.01
+    stream = generate(router, plan(max_tokens=10), tokenizer)
+    first = await stream.__anext__()
+    assert first.index == 0
+    await asyncio.sleep(0.05)  # the consumer is busy elsewhere: step 1 goes through both hops meanwhile
+    assert [c[:2] for c in workers.calls] == [("addr-a", 0), ("addr-b", 0), ("addr-a", 3), ("addr-b", 3)]
+    second = await stream.__anext__()
+    assert second.index == 1 and second.token_id == 40
+    await stream.aclose()  # step 2 is running ahead: it is ended, then the session closed on every hop
+    assert sorted(workers.closed) == ["addr-a", "addr-b"]
+    assert workers.cached == {}
+
+
 async def test_deadline_ends_the_request_and_closes(tokenizer) -> None:
     from modelgrid.errors import DeadlineExceeded
 
