@@ -64,6 +64,9 @@ class JobQueue:
         self._state = controller.state
         self._config = config
         self._wakeup = Wakeup()
+        # one lease at a time here: concurrent LeaseTask calls would all read the same load and put every task
+        # on the least busy replica, past --job-tasks-per-worker
+        self._leasing = asyncio.Lock()
         self._loop: asyncio.Task | None = None
         self._down = False  # the loop's last tick failed (logged once)
 
@@ -105,7 +108,8 @@ class JobQueue:
     async def lease(self, executor_id: str, wait_s: float) -> Lease | None:
         deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
         while True:
-            lease = await self._try_lease()
+            async with self._leasing:
+                lease = await self._try_lease()
             left = deadline - time.monotonic()
             if lease is not None:
                 log.debug("job %s task %d (items %d-%d, attempt %d) -> %s on %s", lease.meta.job_id,
@@ -194,6 +198,12 @@ class JobQueue:
                 if not self._down:
                     log.warning("job bookkeeping failed (retrying): %s", err.message)
                 self._down = True
+            except Exception:
+                # e.g. a Redis error reply (READONLY after a failover, OOM): the loop must go on, or expired
+                # leases never run again and their jobs stay running forever
+                if not self._down:
+                    log.exception("job bookkeeping failed (retrying)")
+                self._down = True
             tick += 1
             await asyncio.sleep(self._config.job_sync_interval_s)
 
@@ -219,8 +229,11 @@ class JobQueue:
         await self.tasks.drop(job_id)
 
     async def _sync_registry(self) -> None:
-        stored = {j.meta.job_id: j for j in await self.store.active()}
+        # Redis first: a job that ends (cancelled, failed, succeeded) ends in the registry before its tasks leave
+        # Redis, so a job missing from Redis here is still active in the registry's list only if it really lacks
+        # tasks; read the other way round, a cancel in between would rebuild the cancelled job's tasks.
         in_redis = set(await self.tasks.active())
+        stored = {j.meta.job_id: j for j in await self.store.active()}
         for job_id in in_redis - set(stored):
             await self._drop_if_ended(job_id)
         for job_id in in_redis:

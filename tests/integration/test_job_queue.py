@@ -22,6 +22,7 @@ from services.scheduler.clients import RegistryClient, WorkerClients
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
 from services.scheduler.job_clients import JobStoreClient
+from services.scheduler import jobs as jobs_module
 from services.scheduler.job_tasks import JobTasks
 from services.scheduler.jobs import JobQueue
 from services.scheduler.records import PlacedStageRecord, PlacementRecord, ReplicaRecord, WorkerRecord
@@ -73,7 +74,9 @@ async def env(tmp_path: Path, redis_url: str) -> AsyncIterator[Env]:
         await registry.stop(0)
 
 
-async def test_leases_spread_over_replicas_up_to_the_cap_and_finish_the_job(env: Env) -> None:
+async def test_leases_spread_over_replicas_up_to_the_cap_and_finish_the_job(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs_module, "RECHECK_S", 60.0)  # a waiting lease gets a task only if it is woken
     job_id = await env.job(10, task_items=3)
     assert await env.queue.enqueue(job_id) == 4
     assert await env.queue.enqueue(job_id) == 0  # idempotent: the gateway and the sync loop may both ask
@@ -89,13 +92,14 @@ async def test_leases_spread_over_replicas_up_to_the_cap_and_finish_the_job(env:
     assert await env.queue.lease("gw", 0.2) is None  # both workers hold 2 tasks: job2 waits
 
     # a finish frees a slot: a waiting lease wakes at once (not after its whole wait)
-    waiting = asyncio.ensure_future(env.queue.lease("gw", 5.0))
+    waiting = asyncio.ensure_future(env.queue.lease("gw", 10.0))
     await asyncio.sleep(0.1)
     await env.put(job_id, 0, 3)
     started = time.monotonic()
     await env.queue.finish(job_id, leases[0].task.task)
     got = await waiting
-    assert got is not None and got.meta.job_id == job2 and time.monotonic() - started < 1.0
+    # unwoken, it would look again only at the end of its wait (10 s)
+    assert got is not None and got.meta.job_id == job2 and time.monotonic() - started < 5.0
     assert got.route.hops[0].worker_id == "w0"
 
     for lease in leases[1:]:
@@ -174,3 +178,54 @@ async def test_tasks_are_rebuilt_from_the_database_after_redis_lost_them(env: En
     await env.store.UpdateJobState(jobs_pb2.UpdateJobStateRequest(job_id=other, state="cancelled"))
     await env.queue._sync_registry()
     assert await env.queue.tasks.active() == []
+
+
+async def test_concurrent_leases_keep_the_per_worker_cap(env: Env) -> None:
+    """Eight lanes asking at once (as a gateway's lanes do when work appears) get 2 tasks per worker, not 8 on the
+    least busy one."""
+    job_id = await env.job(20, task_items=2)
+    await env.queue.enqueue(job_id)
+    got = [ls for ls in await asyncio.gather(*(env.queue.lease(f"gw{i}", 0) for i in range(8))) if ls is not None]
+    assert sorted(ls.route.hops[0].worker_id for ls in got) == ["w0", "w0", "w1", "w1"]
+
+
+async def test_a_job_cancelled_during_a_registry_sync_is_not_rebuilt(env: Env) -> None:
+    job_id = await env.job(4, task_items=2)
+    await env.queue.enqueue(job_id)
+    read_active = env.queue.store.active
+
+    async def active_then_cancel() -> list:
+        stored = await read_active()  # the job is running in this list...
+        await env.store.UpdateJobState(jobs_pb2.UpdateJobStateRequest(job_id=job_id, state="cancelled"))
+        await env.queue.cancel(job_id)  # ...and is cancelled right after it was read
+        return stored
+
+    env.queue.store.active = active_then_cancel  # type: ignore[method-assign]
+    await env.queue._sync_registry()
+    assert await env.queue.tasks.active() == []
+    assert await env.queue.lease("gw", 0) is None
+
+
+async def test_the_bookkeeping_loop_outlives_a_redis_error_reply(env: Env) -> None:
+    """Redis demoted to a read-only replica (a failover) answers writes with an error reply, not a dropped
+    connection; once it takes writes again, the expired lease runs again."""
+    env.queue._config = replace(env.queue._config, job_lease_s=0.2, job_sync_interval_s=0.05)
+    job_id = await env.job(2, task_items=2)
+    await env.queue.enqueue(job_id)
+    assert await env.queue.lease("gw-dead", 0) is not None
+    env.queue.start()
+    admin = redis.Redis.from_url(env.redis_url)
+    try:
+        admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # nothing listens there: it stays read-only
+        deadline = time.monotonic() + 20
+        while not env.queue._down and not env.queue._loop.done():
+            assert time.monotonic() < deadline, "the loop never tried to re-queue the expired lease"
+            await asyncio.sleep(0.05)
+        assert not env.queue._loop.done(), env.queue._loop.exception()
+    finally:
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+        admin.close()
+    deadline = time.monotonic() + 20
+    while (lease := await env.queue.lease("gw", 0.5)) is None:
+        assert time.monotonic() < deadline, "the expired lease was never queued again"
+    assert lease.task.attempt == 2
