@@ -15,6 +15,7 @@ back to sleep when they find none, so an idle gateway costs one call every few s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -45,6 +46,9 @@ SCOUT_WAIT_S = 5.0  # lane 0's long poll while idle
 JOIN_WAIT_S = 0.5  # the other lanes' wait for a task before they sleep again
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # after failed calls to the scheduler
 WRITE_TRIES = 5  # results and the finish are retried (the work is done; losing it costs a re-run)
+# results per PutJobResults call: a task may have up to 100,000 items, and their vectors in one message would pass
+# the 64 MiB gRPC cap (1024 vectors of 4096 floats are 16 MiB). Results are idempotent, so a partial write is safe.
+WRITE_CHUNK = 1024
 T = TypeVar("T")
 
 
@@ -140,7 +144,9 @@ class JobRunner:
         finally:
             keeper.cancel()
         try:
-            await self._retry(lambda: self._store.put_results(lease.job_id, outputs), "write results")
+            for begin in range(0, len(outputs), WRITE_CHUNK):
+                chunk = outputs[begin : begin + WRITE_CHUNK]
+                await self._retry(functools.partial(self._store.put_results, lease.job_id, chunk), "write results")
         except FailedPrecondition as err:  # the job was cancelled (or failed) meanwhile: nothing more to do
             log.info("%s: results not written: %s", lease.label, err.message)
             TASKS.labels(lease.kind, "dropped").inc()
