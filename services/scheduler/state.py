@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from typing import AsyncIterator, Iterable
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from modelgrid.errors import Unavailable
@@ -88,13 +90,21 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_REFUSED_FOR_NOW = re.compile(r"\b(READONLY|OOM|LOADING|MASTERDOWN|TRYAGAIN)\b")
+
+
 @contextlib.asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
-    """A Redis outage becomes Unavailable (retryable), never INTERNAL."""
+    """A Redis outage becomes Unavailable (retryable), never INTERNAL: unreachable, or refusing writes for a
+    while (a replica after a failover: READONLY; out of memory; loading; its primary down)."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as err:
         raise Unavailable(f"the scheduler cannot reach Redis: {err}") from err
+    except ResponseError as err:  # inside a Lua script these arrive as a plain ResponseError
+        if _REFUSED_FOR_NOW.search(str(err)) is None:
+            raise
+        raise Unavailable(f"Redis refuses the scheduler's writes for now: {err}") from err
 
 
 class SchedulerState:

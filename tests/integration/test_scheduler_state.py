@@ -87,3 +87,18 @@ async def test_unreachable_redis_is_unavailable() -> None:
     with pytest.raises(Unavailable, match="cannot reach Redis"):
         await state.workers()
     await state.close()
+
+
+async def test_a_read_only_redis_is_unavailable_not_internal(state: SchedulerState, redis_url: str) -> None:
+    """A Redis demoted to a replica (a failover) answers writes with READONLY: retryable, like an outage."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # nothing listens there: it stays read-only
+        with pytest.raises(Unavailable, match="refuses the scheduler's writes"):
+            await state.write_placement(record(), expected_epoch=None)
+    finally:
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+        admin.close()
+    assert (await state.write_placement(record(), expected_epoch=None)) is not None
