@@ -377,9 +377,9 @@ class WorkerRuntime:
             else:
                 self._queues.pop(key, None)
                 self._scheduled.discard(key)
-        for item, result in ended:
-            if result is not None:
-                _call_soon(loop, _deliver, item.future, result)
+        results = [(item.future, result) for item, result in ended if result is not None]
+        if results:  # one hand-off to the event loop per pass, not one per step
+            _call_soon(loop, _deliver_all, results)
         self.stats.busy_s += time.perf_counter() - started
         if rest:
             self._submit_pass(key, loop)
@@ -457,6 +457,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         log.debug("event loop closed; dropping %s", getattr(fn, "__name__", fn))
+
+
+def _deliver_all(results: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in results:
+        _deliver(future, result)
 
 
 def _deliver(future: asyncio.Future, result: Any) -> None:
