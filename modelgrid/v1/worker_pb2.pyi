@@ -108,14 +108,16 @@ class ForwardBatchRequest(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[_Union[ForwardRequest, _Mapping]]] = ...) -> None: ...
 
 class ForwardResult(_message.Message):
-    __slots__ = ("response", "code", "message")
+    __slots__ = ("index", "response", "code", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
     response: ForwardResponse
     code: str
     message: str
-    def __init__(self, response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardBatchResponse(_message.Message):
     __slots__ = ("results",)

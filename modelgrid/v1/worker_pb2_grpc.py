@@ -51,7 +51,7 @@ class WorkerStub:
                 request_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardResponse.FromString,
                 _registered_method=True)
-        self.ForwardBatch = channel.unary_unary(
+        self.ForwardBatch = channel.unary_stream(
                 '/modelgrid.v1.Worker/ForwardBatch',
                 request_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
@@ -98,8 +98,10 @@ class WorkerServicer:
 
     def ForwardBatch(self, request, context):
         """Decoder steps of many sessions in one message (the gateway coalesces the steps of concurrent sessions
-        bound for this worker): queued together, so they share the stage's next pass. Each step succeeds or
-        fails on its own (see ForwardResult); the call itself fails only when the worker cannot take it at all.
+        bound for this worker): queued together, so they share the stage's passes. The results stream back as
+        passes end (one message per pass), so the sessions of a pass move on while the worker runs the next
+        one. Each step succeeds or fails on its own (see ForwardResult); the call itself fails only when the
+        worker cannot take it at all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +138,7 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardResponse.SerializeToString,
             ),
-            'ForwardBatch': grpc.unary_unary_rpc_method_handler(
+            'ForwardBatch': grpc.unary_stream_rpc_method_handler(
                     servicer.ForwardBatch,
                     request_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.SerializeToString,
@@ -255,7 +257,7 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/modelgrid.v1.Worker/ForwardBatch',

@@ -4,7 +4,9 @@ Sessions that are decoding at once reach each hop at nearly the same moment: the
 reply to a batch wakes them all in the same turn of the event loop. Each step is held until the end
 of that turn (loop.call_soon), and everything held for one worker address then goes in one call,
 instead of one gRPC call per session per hop. The worker queues a batch's steps together, so they
-share its next forward pass. A lone step goes as a plain Forward, as before.
+share its passes, and streams each pass's results back as the pass ends: the sessions of a pass move on
+at once, not when the whole batch is done (which would keep all of them in one group that the stages
+pass to each other in turn, one stage idle while the other runs). A lone step goes as a plain Forward.
 
 Every step keeps its own outcome: the worker answers each one (a result or a status code), and a
 call that fails as a whole (the worker unreachable, the batch's deadline) fails each of its steps
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from modelgrid.errors import DeadlineExceeded, ModelGridError, from_code
 from services.gateway.domain import Hop
@@ -25,8 +27,9 @@ log = logging.getLogger(__name__)
 
 # (hop, request, timeout) -> the worker's ForwardResponse; raises a domain error
 SendOne = Callable[[Hop, Any, float], Awaitable[Any]]
-# (hop, requests, timeout) -> the worker's ForwardBatchResponse (one result per request); raises a domain error
-SendMany = Callable[[Hop, Sequence[Any], float], Awaitable[Any]]
+# (hop, requests, timeout) -> the worker's ForwardBatchResponse messages as its passes end (each result names
+# its request by index); raises a domain error
+SendMany = Callable[[Hop, Sequence[Any], float], AsyncIterator[Any]]
 
 
 @dataclass(eq=False)
@@ -76,9 +79,13 @@ class StepCoalescer:
             if len(batch) == 1:
                 _settle(batch[0], await self._send_one(hop, batch[0].request, timeout))
                 return
-            reply = await self._send_many(hop, [h.request for h in batch], timeout)
+            async for reply in self._send_many(hop, [h.request for h in batch], timeout):
+                for result in reply.results:
+                    if 0 <= result.index < len(batch):
+                        outcome = from_code(result.code, result.message) if result.code else result.response
+                        _settle(batch[result.index], outcome)
         except ModelGridError as err:
-            for held in batch:
+            for held in batch:  # those not answered yet
                 _settle(held, from_code(err.code, err.message))
             return
         except Exception as err:  # noqa: BLE001 - a bug: each caller gets it rather than hanging
@@ -86,14 +93,9 @@ class StepCoalescer:
             for held in batch:
                 _settle(held, err)
             return
-        if len(reply.results) != len(batch):
-            err = from_code("UNAVAILABLE", f"worker {hop.worker_id} at {hop.address} answered {len(reply.results)} "
-                                           f"results for {len(batch)} steps")
-            for held in batch:
-                _settle(held, err)
-            return
-        for held, result in zip(batch, reply.results):
-            _settle(held, from_code(result.code, result.message) if result.code else result.response)
+        for held in batch:
+            _settle(held, from_code("UNAVAILABLE", f"worker {hop.worker_id} at {hop.address} ended ForwardBatch "
+                                                   f"without answering session {held.request.session_id}"))
 
 
 def _expire(held: _Held) -> None:

@@ -317,10 +317,12 @@ class Workers:
 
     async def _call_forward_batch(
         self, hop: Hop, requests: Sequence[worker_pb2.ForwardRequest], timeout: float
-    ) -> Any:
+    ) -> AsyncIterator[Any]:
+        """The worker's ForwardBatchResponse messages, one per pass, as they come."""
+        call = self._stub(hop.address).ForwardBatch(worker_pb2.ForwardBatchRequest(steps=requests), timeout=timeout)
         try:
-            return await self._stub(hop.address).ForwardBatch(worker_pb2.ForwardBatchRequest(steps=requests),
-                                                              timeout=timeout)
+            async for reply in call:
+                yield reply
         except grpc.aio.AioRpcError as err:
             raise self._hop_error(hop, err) from None
 

@@ -74,13 +74,15 @@ def decoder_batch_from_proto(
     return steps
 
 
-def forward_batch_response(results: list[StepResult | ModelGridError]) -> worker_pb2.ForwardBatchResponse:
+def forward_batch_response(
+    results: list[tuple[int, StepResult | ModelGridError]],
+) -> worker_pb2.ForwardBatchResponse:
     reply = worker_pb2.ForwardBatchResponse()
-    for result in results:
+    for index, result in results:
         if isinstance(result, ModelGridError):
-            reply.results.add(code=result.code, message=result.message)
+            reply.results.add(index=index, code=result.code, message=result.message)
         else:
-            reply.results.add().response.CopyFrom(forward_response(result))
+            reply.results.add(index=index).response.CopyFrom(forward_response(result))
     return reply
 
 

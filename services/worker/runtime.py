@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -280,32 +280,43 @@ class WorkerRuntime:
 
     async def decoder_steps(
         self, steps: Sequence[tuple[StageKey, int, DecoderStep] | ModelGridError]
-    ) -> list[StepResult | ModelGridError]:
+    ) -> AsyncIterator[list[tuple[int, StepResult | ModelGridError]]]:
         """Many sessions' steps at once (a ForwardBatch): each checked and admitted, then all queued
-        together, so that one pass takes them all. Each step succeeds or fails alone; an error in
-        `steps` (a step that did not parse) is passed through as that step's result."""
+        together, so that the stage's passes take them together. Yields (index in `steps`, result) of the
+        steps that ended together: first those refused before queueing (an error in `steps`, a step that
+        did not parse, is passed through), then the steps of each pass as it ends. Each step succeeds or
+        fails alone."""
         checked = await asyncio.gather(
             *(self._check_and_admit(*s) for s in steps if not isinstance(s, ModelGridError)), return_exceptions=True
         )
-        results: list[Any] = []
+        refused: list[tuple[int, StepResult | ModelGridError]] = []
         ready: list[tuple[int, StageKey, DecoderStep]] = []
         outcomes = iter(checked)
-        for s in steps:
+        for index, s in enumerate(steps):
             outcome = s if isinstance(s, ModelGridError) else next(outcomes)
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, ModelGridError):
                     raise outcome
-                results.append(outcome)
+                refused.append((index, outcome))
             else:
-                ready.append((len(results), s[0], s[2]))
-                results.append(None)
+                ready.append((index, s[0], s[2]))
+        if refused:
+            yield refused
         items = self._enqueue([(key, req) for _, key, req in ready])
-        done = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
-        for (index, _, _), result in zip(ready, done):
-            if isinstance(result, BaseException) and not isinstance(result, ModelGridError):
-                raise result
-            results[index] = result
-        return results
+        waiting = {item.future: index for (index, _, _), item in zip(ready, items)}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                ended = []
+                for future in done:
+                    err = future.exception()
+                    if err is not None and not isinstance(err, ModelGridError):
+                        raise err
+                    ended.append((waiting.pop(future), err or future.result()))
+                yield sorted(ended, key=lambda pair: pair[0])
+        finally:
+            for future in waiting:  # the call went away: its steps left in the queue are abandoned
+                future.cancel()
 
     async def _check_and_admit(self, key: StageKey, epoch: int, req: DecoderStep) -> None:
         stage = self.stage_for(key, epoch)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -53,12 +53,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @rpc
     async def ForwardBatch(
         self, request: worker_pb2.ForwardBatchRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.ForwardBatchResponse:
-        results = await self.runtime.decoder_steps(convert.decoder_batch_from_proto(request))
-        for step, result in zip(request.steps, results):
-            if isinstance(result, ModelGridError):
-                log.info("ForwardBatch step of session %s -> %s: %s", step.session_id, result.code, result.message)
-        return convert.forward_batch_response(results)
+    ) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:
+        async for ended in self.runtime.decoder_steps(convert.decoder_batch_from_proto(request)):
+            for index, result in ended:
+                if isinstance(result, ModelGridError):
+                    log.info("ForwardBatch step of session %s -> %s: %s", request.steps[index].session_id,
+                             result.code, result.message)
+            yield convert.forward_batch_response(ended)
 
     @rpc
     async def CloseSession(

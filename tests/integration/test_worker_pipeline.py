@@ -501,14 +501,19 @@ async def test_forward_batch_shares_a_pass_and_each_step_fails_alone(workers: Wo
     steps.insert(1, fwd("lost", 0, 4, 5, tokens=[3]))  # a session this worker never saw, mid-way
     steps.append(fwd("elsewhere", 0, 2, 0, tokens=[3]))  # a stage this worker does not hold
     steps.append(worker_pb2.ForwardRequest(session_id="", model=MODEL, version="v1", start_layer=0, end_layer=4))
-    reply = await stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=steps))
-    codes = [r.code for r in reply.results]
+    messages = [m async for m in stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=steps))]
+    # steps refused before queueing come first; then the pass: the three good prefills ran as one forward
+    # pass, and the step at a position this worker never saw failed in it
+    assert [sorted(r.index for r in m.results) for m in messages] == [[4, 5], [0, 1, 2, 3]]
+    results = {r.index: r for m in messages for r in m.results}
+    codes = [results[i].code for i in range(len(steps))]
     assert codes == ["", "FAILED_PRECONDITION", "", "", "FAILED_PRECONDITION", "INVALID_ARGUMENT"]
-    assert "position 5" in reply.results[1].message and "not loaded" in reply.results[4].message
-    assert len(prompts) in app.runtime.batch_sizes  # the three good prefills ran as one forward pass
-    firsts = [r.response.token.token_id for r in reply.results if not r.code]
+    assert "position 5" in results[1].message and "not loaded" in results[4].message
+    assert len(prompts) in app.runtime.batch_sizes
+    firsts = [results[i].response.token.token_id for i in (0, 2, 3)]
 
     decodes = [fwd(f"together-{i}", 0, 4, len(p), tokens=[firsts[i]], step=1) for i, p in enumerate(prompts)]
-    reply = await stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=decodes))
-    assert [[f, r.response.token.token_id] for f, r in zip(firsts, reply.results)] == alone
-    assert [r.response.cache_length for r in reply.results] == [len(p) + 1 for p in prompts]
+    results = {r.index: r for m in [m async for m in stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=decodes))]
+               for r in m.results}
+    assert [[f, results[i].response.token.token_id] for i, f in enumerate(firsts)] == alone
+    assert [results[i].response.cache_length for i in range(3)] == [len(p) + 1 for p in prompts]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
 
 import pytest
 
@@ -27,6 +28,7 @@ class FakeWorkers:
         self.fail: dict[str, str] = {}  # session id -> status code name for that step
         self.down: Exception | None = None  # the whole call fails
         self.delay = 0.0
+        self.unanswered = ""  # a session the batch stream ends without answering
 
     async def one(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> worker_pb2.ForwardResponse:
         self.calls.append((hop.address, [request.session_id]))
@@ -35,18 +37,23 @@ class FakeWorkers:
             raise self.down
         return worker_pb2.ForwardResponse(cache_length=len(request.session_id))
 
-    async def many(self, hop: Hop, requests, timeout: float) -> worker_pb2.ForwardBatchResponse:  # noqa: ANN001
+    async def many(self, hop: Hop, requests, timeout: float) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:  # noqa: ANN001
+        """Failed steps first, then the others one message each, last step first."""
         self.calls.append((hop.address, [r.session_id for r in requests]))
         await asyncio.sleep(self.delay)
         if self.down is not None:
             raise self.down
-        reply = worker_pb2.ForwardBatchResponse()
-        for r in requests:
+        failed = worker_pb2.ForwardBatchResponse()
+        for i, r in enumerate(requests):
             if r.session_id in self.fail:
-                reply.results.add(code=self.fail[r.session_id], message=f"{r.session_id} failed")
-            else:
-                reply.results.add().response.cache_length = len(r.session_id)
-        return reply
+                failed.results.add(index=i, code=self.fail[r.session_id], message=f"{r.session_id} failed")
+        if failed.results:
+            yield failed
+        for i, r in reversed(list(enumerate(requests))):
+            if r.session_id not in self.fail and r.session_id != self.unanswered:
+                reply = worker_pb2.ForwardBatchResponse()
+                reply.results.add(index=i).response.cache_length = len(r.session_id)
+                yield reply
 
 
 def coalescer() -> tuple[StepCoalescer, FakeWorkers]:
@@ -95,3 +102,12 @@ async def test_deadline_and_cancellation_end_one_step_not_the_others() -> None:
         await cancelled
     assert (await patient).cache_length == 7
     assert fake.calls == [("10.0.0.1:1", ["short", "gone", "patient"])]
+
+
+async def test_results_stream_back_in_any_order_and_an_unanswered_step_is_unavailable() -> None:
+    c, fake = coalescer()
+    fake.unanswered = "lost"
+    results = await asyncio.gather(*(c.submit(A, step(s), 5) for s in ("a", "bb", "lost", "dddd")),
+                                   return_exceptions=True)
+    assert [r.cache_length for r in (results[0], results[1], results[3])] == [1, 2, 4]
+    assert isinstance(results[2], Unavailable) and "without answering session lost" in results[2].message
