@@ -77,14 +77,17 @@ def worker_metrics_ports(data_dir: Path) -> list[int]:
     return ports
 
 
-def wait_placed(client, name: str, timeout_s: float) -> None:  # noqa: ANN001 - modelgrid.Client
+def wait_placed(client, name: str, timeout_s: float) -> str:  # noqa: ANN001 - modelgrid.Client
+    """Wait until every stage is ready; the cut, e.g. "[0,6) on worker-0, [6,8) on worker-1"."""
     from modelgrid.errors import NotFound
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if client.placement(name).ready:
-                return
+            placement = client.placement(name)
+            if placement.ready:
+                return ", ".join(f"[{s.start_layer},{s.end_layer}) on " + "+".join(r.worker_id for r in s.replicas)
+                                 for s in placement.stages)
         except NotFound:  # registered, not placed yet
             pass
         if time.monotonic() > deadline:
@@ -191,6 +194,7 @@ def report(args: argparse.Namespace, rows: dict[str, Row]) -> None:
           f"{rounds} round(s); ModelGrid: {WORKERS} worker processes, one stage each, {args.torch_threads} torch "
           f"thread(s) each, batch wait " + (f"{args.batch_wait_ms:g} ms" if args.batch_wait_ms is not None
                                              else "the workers' default"))
+    print(f"stages: {args.cut}")
     names = "/".join(n.replace("worker-", "w") for n in (*PROCESSES, "client"))
     print(f"{'':28} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  "
           f"{'busy w0/w1':>10} {'sessions/pass':>14}  CPU % {names}")
@@ -233,6 +237,7 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=900.0, help="start no round after this long")
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
+    args.cut = "unknown"
     if args.quick:
         args.streams, args.new_tokens, args.prompt, args.rounds = "1,4,16", 16, 16, 1
     concurrency = [int(c) for c in args.streams.split(",")]
@@ -267,7 +272,7 @@ def main() -> int:
             platform.wait_ready(300)
             with platform.client() as client:
                 client.register(directory, MODEL_NAME, replicas=1, stages=WORKERS)
-                wait_placed(client, MODEL_NAME, 300)
+                args.cut = wait_placed(client, MODEL_NAME, 300)
             key_file = data_dir / "api-key"  # the admin key `modelgrid up` made (when auth is on)
             target = Target(
                 platform.address, key_file.read_text().strip() if key_file.exists() else None,
