@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from modelgrid.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from modelgrid.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from modelgrid.v1 import worker_pb2
 from services.gateway.coalesce import StepCoalescer
 from services.gateway.domain import Hop
@@ -16,8 +16,11 @@ A = Hop(0, 2, "wa", "10.0.0.1:1")
 B = Hop(2, 4, "wb", "10.0.0.2:1")
 
 
-def step(session: str) -> worker_pb2.ForwardRequest:
-    return worker_pb2.ForwardRequest(session_id=session, position=3)
+def step(session: str, hidden_bytes: int = 0) -> worker_pb2.ForwardRequest:
+    request = worker_pb2.ForwardRequest(session_id=session, position=3)
+    if hidden_bytes:
+        request.hidden.data = b"h" * hidden_bytes
+    return request
 
 
 class FakeWorkers:
@@ -29,6 +32,7 @@ class FakeWorkers:
         self.down: Exception | None = None  # the whole call fails
         self.delay = 0.0
         self.unanswered = ""  # a session the batch stream ends without answering
+        self.no_batch = False  # an older worker: ForwardBatch is UNIMPLEMENTED
 
     async def one(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> worker_pb2.ForwardResponse:
         self.calls.append((hop.address, [request.session_id]))
@@ -41,6 +45,8 @@ class FakeWorkers:
         """Failed steps first, then the others one message each, last step first."""
         self.calls.append((hop.address, [r.session_id for r in requests]))
         await asyncio.sleep(self.delay)
+        if self.no_batch:  # as upstream.Workers maps grpc's answer for a method the server lacks
+            raise from_code("UNIMPLEMENTED", "Method not found!")
         if self.down is not None:
             raise self.down
         failed = worker_pb2.ForwardBatchResponse()
@@ -56,9 +62,9 @@ class FakeWorkers:
                 yield reply
 
 
-def coalescer() -> tuple[StepCoalescer, FakeWorkers]:
+def coalescer(**kwargs: float) -> tuple[StepCoalescer, FakeWorkers]:
     fake = FakeWorkers()
-    return StepCoalescer(fake.one, fake.many), fake
+    return StepCoalescer(fake.one, fake.many, **kwargs), fake
 
 
 async def test_steps_of_one_turn_go_together_per_worker_and_a_lone_step_goes_alone() -> None:
@@ -111,3 +117,54 @@ async def test_results_stream_back_in_any_order_and_an_unanswered_step_is_unavai
                                    return_exceptions=True)
     assert [r.cache_length for r in (results[0], results[1], results[3])] == [1, 2, 4]
     assert isinstance(results[2], Unavailable) and "without answering session lost" in results[2].message
+
+
+async def test_held_steps_are_split_into_groups_under_the_byte_budget() -> None:
+    size = step("s0", 1000).ByteSize()
+    c, fake = coalescer(budget_bytes=2 * size)  # two steps fit, three do not
+    names = [f"s{i}" for i in range(5)]
+    replies = await asyncio.gather(*(c.submit(A, step(s, 1000), 5) for s in names))
+    assert [r.cache_length for r in replies] == [2] * 5
+    # the last group holds one step: it goes as a plain Forward
+    assert sorted(fake.calls) == [("10.0.0.1:1", ["s0", "s1"]), ("10.0.0.1:1", ["s2", "s3"]),
+                                  ("10.0.0.1:1", ["s4"])]
+    fake.calls.clear()
+    # a step larger than the budget goes alone; the small ones around it still go together
+    replies = await asyncio.gather(c.submit(A, step("a", 10), 5), c.submit(A, step("big", 3 * size), 5),
+                                   c.submit(A, step("b", 10), 5), c.submit(A, step("c", 10), 5))
+    assert [r.cache_length for r in replies] == [1, 3, 1, 1]
+    assert sorted(fake.calls) == [("10.0.0.1:1", ["a"]), ("10.0.0.1:1", ["b", "c"]), ("10.0.0.1:1", ["big"])]
+
+
+async def test_a_worker_without_forward_batch_gets_plain_forwards_and_is_remembered() -> None:
+    c, fake = coalescer()
+    fake.no_batch = True
+    replies = await asyncio.gather(*(c.submit(A, step(s), 5) for s in ("a", "bb", "ccc")))
+    assert [r.cache_length for r in replies] == [1, 2, 3]
+    assert fake.calls[0] == ("10.0.0.1:1", ["a", "bb", "ccc"])  # tried once
+    assert sorted(fake.calls[1:]) == [("10.0.0.1:1", ["a"]), ("10.0.0.1:1", ["bb"]), ("10.0.0.1:1", ["ccc"])]
+    fake.calls.clear()
+    # the next turn's steps to that worker go as plain Forwards at once; another worker still gets batches
+    fake.no_batch = False
+    await asyncio.gather(c.submit(A, step("d"), 5), c.submit(A, step("e"), 5),
+                         c.submit(B, step("f"), 5), c.submit(B, step("g"), 5))
+    assert sorted(fake.calls) == [("10.0.0.1:1", ["d"]), ("10.0.0.1:1", ["e"]), ("10.0.0.2:1", ["f", "g"])]
+
+
+async def test_a_worker_without_forward_batch_is_asked_again_after_a_while() -> None:
+    c, fake = coalescer(no_batch_retry_s=0.0)  # an upgraded worker gets batches again
+    fake.no_batch = True
+    await asyncio.gather(c.submit(A, step("a"), 5), c.submit(A, step("b"), 5))
+    fake.no_batch = False
+    fake.calls.clear()
+    await asyncio.gather(c.submit(A, step("c"), 5), c.submit(A, step("d"), 5))
+    assert fake.calls == [("10.0.0.1:1", ["c", "d"])]
+
+
+async def test_an_unimplemented_step_inside_a_batch_is_that_steps_error() -> None:
+    c, fake = coalescer()
+    fake.fail["odd"] = "UNIMPLEMENTED"  # a step's own result, not the call: no fallback
+    results = await asyncio.gather(c.submit(A, step("ok"), 5), c.submit(A, step("odd"), 5), return_exceptions=True)
+    assert results[0].cache_length == 2
+    assert results[1].code == "UNIMPLEMENTED"
+    assert fake.calls == [("10.0.0.1:1", ["ok", "odd"])]
