@@ -116,6 +116,26 @@ async def collect(router, p, tokenizer, session=None):
     return [c async for c in generate(router, p, tokenizer, session)]
 
 
+class CountingSession(Session):
+    """Records every step asked for when it is asked (a step started and cancelled at once still counts)."""
+
+    def __init__(self, router, p) -> None:
+        super().__init__(router, p)
+        self.steps: list[int] = []
+
+    def step(self, new_ids, step: int):
+        self.steps.append(step)
+        return super().step(new_ids, step)
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Polls the event loop until condition() holds (no fixed sleeps: a loaded machine only makes it slower)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
 async def test_length_finish_usage_and_close_on_every_hop(tokenizer) -> None:
     script = [40, 41, 42, 43, 44, 45, 46, 47]
     router, _, workers = make(script)
@@ -135,20 +155,28 @@ async def test_length_finish_usage_and_close_on_every_hop(tokenizer) -> None:
 
 async def test_eos_ends_with_stop_and_counts_the_eos_token(tokenizer) -> None:
     router, _, workers = make([40, 41, 2, 43])
-    chunks = await collect(router, plan(max_tokens=4), tokenizer)
+    p = plan(max_tokens=4)
+    session = CountingSession(router, p)
+    chunks = await collect(router, p, tokenizer, session)
     assert [c.token_id for c in chunks] == [40, 41, 2]
     assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == 3
     assert chunks[-1].text == ""
+    assert session.steps == [0, 1, 2]  # no step runs ahead past the EOS
+    assert len(workers.calls) == 3 * 2
     assert sorted(workers.closed) == ["addr-a", "addr-b"]
 
 
 async def test_stop_sequence_cuts_the_text(tokenizer) -> None:
     script = tokenizer.encode("Hello world. The answer is STOP here")
-    router, _, _ = make(script)
-    chunks = await collect(router, plan(max_tokens=len(script), stop=("STOP",)), tokenizer)
+    router, _, workers = make(script)
+    p = plan(max_tokens=len(script), stop=("STOP",))
+    session = CountingSession(router, p)
+    chunks = await collect(router, p, tokenizer, session)
     assert "".join(c.text for c in chunks) == "Hello world. The answer is "
     assert chunks[-1].finish_reason == "stop"
     assert len(chunks) < len(script)
+    assert session.steps == list(range(len(chunks)))  # no step runs ahead past the stop
+    assert len(workers.calls) == 2 * len(chunks)
 
 
 async def test_unavailable_hop_reroutes_replays_and_gives_the_same_tokens(tokenizer) -> None:
@@ -231,14 +259,18 @@ async def test_cancel_closes_the_session_on_every_hop(tokenizer) -> None:
 
 async def test_the_next_step_runs_while_the_consumer_holds_a_chunk_and_ends_with_the_stream(tokenizer) -> None:
     router, _, workers = make([40] * 10)
-    workers.delay_s = 0.01
-    stream = generate(router, plan(max_tokens=10), tokenizer)
+    p = plan(max_tokens=10)
+    session = CountingSession(router, p)
+    stream = generate(router, p, tokenizer, session)
     first = await stream.__anext__()
     assert first.index == 0
-    await asyncio.sleep(0.05)  # the consumer is busy elsewhere: step 1 goes through both hops meanwhile
+    # the consumer is busy elsewhere: step 1 goes through both hops meanwhile
+    await until(lambda: len(workers.calls) == 4)
     assert [c[:2] for c in workers.calls] == [("addr-a", 0), ("addr-b", 0), ("addr-a", 3), ("addr-b", 3)]
+    assert session.steps == [0, 1]  # one step ahead, not more
     second = await stream.__anext__()
     assert second.index == 1 and second.token_id == 40
+    assert session.steps == [0, 1, 2]
     await stream.aclose()  # step 2 is running ahead: it is ended, then the session closed on every hop
     assert sorted(workers.closed) == ["addr-a", "addr-b"]
     assert workers.cached == {}
