@@ -74,16 +74,29 @@ def decoder_batch_from_proto(
     return steps
 
 
-def forward_batch_response(
-    results: list[tuple[int, StepResult | ModelGridError]],
-) -> worker_pb2.ForwardBatchResponse:
-    reply = worker_pb2.ForwardBatchResponse()
+# A ForwardBatch message holds results up to this many bytes (hidden states of long prompts add up past
+# gRPC's 64 MiB message cap); a single larger result goes alone, as a Forward reply would.
+BATCH_REPLY_BYTES = 16 * 1024 * 1024
+
+
+def forward_batch_responses(
+    results: list[tuple[int, StepResult | ModelGridError]], budget_bytes: int = BATCH_REPLY_BYTES,
+) -> list[worker_pb2.ForwardBatchResponse]:
+    """The results of steps that ended together, in as few messages as fit budget_bytes each."""
+    replies = [worker_pb2.ForwardBatchResponse()]
+    size = 0
     for index, result in results:
         if isinstance(result, ModelGridError):
-            reply.results.add(index=index, code=result.code, message=result.message)
+            one = worker_pb2.ForwardResult(index=index, code=result.code, message=result.message)
         else:
-            reply.results.add(index=index).response.CopyFrom(forward_response(result))
-    return reply
+            one = worker_pb2.ForwardResult(index=index, response=forward_response(result))
+        n = one.ByteSize()
+        if replies[-1].results and size + n > budget_bytes:
+            replies.append(worker_pb2.ForwardBatchResponse())
+            size = 0
+        replies[-1].results.append(one)
+        size += n
+    return replies
 
 
 def encoder_step_from_proto(r: worker_pb2.ForwardRequest) -> EncoderStep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import AsyncIterator, Callable
 
@@ -54,12 +55,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def ForwardBatch(
         self, request: worker_pb2.ForwardBatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:
-        async for ended in self.runtime.decoder_steps(convert.decoder_batch_from_proto(request)):
-            for index, result in ended:
-                if isinstance(result, ModelGridError):
-                    log.info("ForwardBatch step of session %s -> %s: %s", request.steps[index].session_id,
-                             result.code, result.message)
-            yield convert.forward_batch_response(ended)
+        steps = self.runtime.decoder_steps(convert.decoder_batch_from_proto(request))
+        async with contextlib.aclosing(steps):
+            async for ended in steps:
+                for index, result in ended:
+                    # an INTERNAL one was logged with its traceback where it happened
+                    if isinstance(result, ModelGridError) and result.code != "INTERNAL":
+                        log.info("ForwardBatch step of session %s -> %s: %s", request.steps[index].session_id,
+                                 result.code, result.message)
+                for reply in convert.forward_batch_responses(ended):
+                    yield reply
 
     @rpc
     async def CloseSession(
