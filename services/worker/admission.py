@@ -62,9 +62,9 @@ class KVAdmission:
         """Sessions waiting for KV memory right now."""
         return len(self._queue)
 
-    async def admit(self, session_id: str, stage: StageKey, nbytes: int, tokens: int) -> None:
-        """Reserve nbytes for the session's cache on stage, waiting up to timeout_s; else ResourceExhausted."""
-        self._loop = asyncio.get_running_loop()
+    def try_admit(self, session_id: str, stage: StageKey, nbytes: int, tokens: int) -> bool:
+        """Reserve nbytes at once if they fit and nobody waits ahead; False when admit() would have to wait.
+        ResourceExhausted when nbytes exceed the whole budget."""
         limit = self._limit()
         if nbytes > limit:
             self.stats.refused += 1
@@ -75,6 +75,13 @@ class KVAdmission:
             )
         if not self._queue and self._sessions.try_reserve(session_id, stage, nbytes, limit):
             self.stats.admitted += 1
+            return True
+        return False
+
+    async def admit(self, session_id: str, stage: StageKey, nbytes: int, tokens: int) -> None:
+        """Reserve nbytes for the session's cache on stage, waiting up to timeout_s; else ResourceExhausted."""
+        self._loop = asyncio.get_running_loop()
+        if self.try_admit(session_id, stage, nbytes, tokens):
             return
         waiter = _Waiter(session_id, stage, nbytes, self._sessions.known(session_id), self._loop.create_future())
         self._enqueue(waiter)

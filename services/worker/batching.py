@@ -42,6 +42,7 @@ class Pending:
     cache: Any = None  # the session's KVCache on the stage, once checked
     done: int = 0  # input tokens already run
     outputs: list[torch.Tensor] = field(default_factory=list)  # hidden states of the chunks run so far
+    closed: bool = False  # its session was closed while it waited (set under the runtime's queue lock)
 
     @property
     def session_id(self) -> str:
@@ -57,8 +58,8 @@ class Pending:
 
     @property
     def abandoned(self) -> bool:
-        """The caller went away (its RPC was cancelled): no point running the rest of the step."""
-        return self.future.cancelled()
+        """The caller went away (its RPC was cancelled) or its session was closed: no point running the rest."""
+        return self.closed or self.future.cancelled()
 
 
 def heads(queue: Sequence[Pending]) -> list[Pending]:

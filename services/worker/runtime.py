@@ -129,6 +129,7 @@ class WorkerRuntime:
         self._scheduled: set[StageKey] = set()  # stages with a pass submitted to the torch thread
         self._depths: dict[StageKey, int] = {}  # stages in the routes through each stage, as the gateway said
         self._queue_lock = threading.Lock()
+        self._admitting: dict[str, set[asyncio.Task]] = {}  # per session: ForwardBatch steps waiting for KV
         self._arrived = threading.Condition(self._queue_lock)  # notified when a step is queued
         self.stats = BatchStats()
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # sessions in recent passes
@@ -274,57 +275,100 @@ class WorkerRuntime:
 
     async def decoder_step(self, key: StageKey, epoch: int, req: DecoderStep) -> StepResult:
         """Admit the step's session if it is new here, then queue the step for the stage's next passes."""
-        await self._check_and_admit(key, epoch, req)
+        need = self._check(key, epoch, req)
+        if need is not None:
+            await self.admission.admit(req.session_id, key, *need)
         (item,) = self._enqueue([(key, req)])
         return await item.future
 
     async def decoder_steps(
         self, steps: Sequence[tuple[StageKey, int, DecoderStep] | ModelGridError]
     ) -> AsyncIterator[list[tuple[int, StepResult | ModelGridError]]]:
-        """Many sessions' steps at once (a ForwardBatch): each checked and admitted, then all queued
-        together, so that the stage's passes take them together. Yields (index in `steps`, result) of the
-        steps that ended together: first those refused before queueing (an error in `steps`, a step that
-        did not parse, is passed through), then the steps of each pass as it ends. Each step succeeds or
-        fails alone."""
-        checked = await asyncio.gather(
-            *(self._check_and_admit(*s) for s in steps if not isinstance(s, ModelGridError)), return_exceptions=True
-        )
+        """Many sessions' steps at once (a ForwardBatch). Yields (index in `steps`, result) of the steps
+        that ended together: first those refused before queueing (an error in `steps`, a step that did not
+        parse, is passed through), then the steps of each pass as it ends. Each step succeeds or fails alone.
+
+        The steps admitted at once (running sessions, new ones whose KV bytes fit now) are queued together,
+        so that the stage's passes take them together; a step whose session must wait for KV memory waits
+        in a task of its own and is queued when admitted, so the others (which may be the sessions that
+        will free that memory) never wait for it."""
         refused: list[tuple[int, StepResult | ModelGridError]] = []
         ready: list[tuple[int, StageKey, DecoderStep]] = []
-        outcomes = iter(checked)
+        admitting: dict[asyncio.Future, int] = {}
         for index, s in enumerate(steps):
-            outcome = s if isinstance(s, ModelGridError) else next(outcomes)
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, ModelGridError):
-                    raise outcome
-                refused.append((index, outcome))
-            else:
-                ready.append((index, s[0], s[2]))
-        if refused:
-            yield refused
+            if isinstance(s, ModelGridError):
+                refused.append((index, s))
+                continue
+            key, epoch, req = s
+            try:
+                need = self._check(key, epoch, req)
+                if need is None or self.admission.try_admit(req.session_id, key, *need):
+                    ready.append((index, key, req))
+                else:
+                    admitting[self._admit_later(key, req, need)] = index
+            except Exception as err:  # noqa: BLE001 - this step fails alone
+                refused.append((index, _step_error(err, req.session_id)))
         items = self._enqueue([(key, req) for _, key, req in ready])
-        waiting = {item.future: index for (index, _, _), item in zip(ready, items)}
+        waiting: dict[asyncio.Future, int] = {item.future: index for (index, _, _), item in zip(ready, items)}
+        waiting.update(admitting)
         try:
+            if refused:
+                yield refused
             while waiting:
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                ended = []
+                ended: list[tuple[int, StepResult | ModelGridError]] = []
                 for future in done:
-                    err = future.exception()
-                    if err is not None and not isinstance(err, ModelGridError):
-                        raise err
-                    ended.append((waiting.pop(future), err or future.result()))
-                yield sorted(ended, key=lambda pair: pair[0])
+                    index = waiting.pop(future)
+                    session_id = steps[index][2].session_id  # type: ignore[index]
+                    if future in admitting and not future.cancelled() and future.exception() is None:
+                        waiting[future.result().future] = index  # admitted and queued: wait for its passes
+                    else:
+                        ended.append((index, _outcome(future, session_id)))
+                if ended:
+                    yield sorted(ended, key=lambda pair: pair[0])
         finally:
-            for future in waiting:  # the call went away: its steps left in the queue are abandoned
+            for future in waiting:  # the call went away: its steps waiting or left in the queue are abandoned
                 future.cancel()
 
-    async def _check_and_admit(self, key: StageKey, epoch: int, req: DecoderStep) -> None:
+    def _admit_later(self, key: StageKey, req: DecoderStep, need: tuple[int, int]) -> asyncio.Task:
+        """A task that waits for the session's KV admission, then queues the step; close_session cancels it."""
+
+        async def admit() -> Pending:
+            await self.admission.admit(req.session_id, key, *need)
+            (item,) = self._enqueue([(key, req)])
+            return item
+
+        task = asyncio.ensure_future(admit())
+        tasks = self._admitting.setdefault(req.session_id, set())
+        tasks.add(task)
+
+        def forget(_: asyncio.Future) -> None:
+            tasks.discard(task)
+            if not tasks and self._admitting.get(req.session_id) is tasks:
+                del self._admitting[req.session_id]
+
+        task.add_done_callback(forget)
+        return task
+
+    def _check(self, key: StageKey, epoch: int, req: DecoderStep) -> tuple[int, int] | None:
+        """Check a step against the stage; the (KV bytes, tokens) its session must be admitted for
+        when it starts (or replays from 0) on the stage, else None (a running session, or a replay within
+        what the session holds; a wrong position is the step's to refuse in its pass)."""
         stage = self.stage_for(key, epoch)
         if stage.spec.kind != "decoder":
             raise InvalidArgument(f"{key} is an encoder: send tokens_shape and attention_mask, no session")
-        await self._admit(stage, key, req)
         if req.num_stages:
             self._depths[key] = req.num_stages
+        session = self.sessions.peek(req.session_id, key)
+        if req.position != 0 or (session is not None and not req.reset):
+            return None
+        tokens = session_tokens(req, stage.spec)
+        if self.draining and not self.sessions.known(req.session_id):
+            raise Unavailable(f"worker draining: {self.worker_id} accepts no new sessions")
+        need = session_kv_bytes(stage.module, key, tokens)
+        if session is not None and session.reserved >= need:
+            return None
+        return need, tokens
 
     def _enqueue(self, steps: Sequence[tuple[StageKey, DecoderStep]]) -> list[Pending]:
         """Queue checked steps for their stages' passes (under one lock, so a pass sees them all)."""
@@ -341,19 +385,6 @@ class WorkerRuntime:
         for key in submit:
             self._submit_pass(key, loop)
         return items
-
-    async def _admit(self, stage: Stage, key: StageKey, req: DecoderStep) -> None:
-        """Reserve the KV bytes of a session that starts (or replays from 0) on the stage; may wait."""
-        session = self.sessions.peek(req.session_id, key)
-        if req.position != 0 or (session is not None and not req.reset):
-            return  # a running session (a wrong position is the step's to refuse)
-        tokens = session_tokens(req, stage.spec)
-        if self.draining and not self.sessions.known(req.session_id):
-            raise Unavailable(f"worker draining: {self.worker_id} accepts no new sessions")
-        need = session_kv_bytes(stage.module, key, tokens)
-        if session is not None and session.reserved >= need:
-            return  # a replay within what the session holds
-        await self.admission.admit(req.session_id, key, need, tokens)
 
     def _submit_pass(self, key: StageKey, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -376,11 +407,18 @@ class WorkerRuntime:
             if stage is None:
                 raise FailedPrecondition(f"{key} is not loaded on worker {self.worker_id}")
             ended = run_pass(stage.module, key, queue, self._context(), limits, self.stats)
-        except BaseException as err:  # noqa: BLE001 - delivered to every caller; the rpc edge logs it
+        except ModelGridError as err:
             ended = [(item, err) for item in queue]
+        except Exception as err:  # noqa: BLE001 - a bug or a torch error: each step fails alone, logged once
+            log.exception("pass of %s over %d steps failed", key, len(queue))
+            failed = ModelGridError(f"a pass of {key} failed on worker {self.worker_id}: {type(err).__name__}: {err}")
+            ended = [(item, failed) for item in queue]
         if self.stats.passes != passes:
             self.batch_sizes.append(self.stats.steps - steps)
         with self._queue_lock:
+            for item in queue:  # closed while this pass ran: drop what its prepare may have opened again
+                if item.closed and self.sessions.peek(item.session_id, key) is not None:
+                    self.sessions.drop(item.session_id, key)
             gone = {id(item) for item, _ in ended}
             rest = [item for item in self._queues.get(key, ()) if id(item) not in gone]
             if rest:
@@ -428,6 +466,24 @@ class WorkerRuntime:
             return sum(len(q) for q in self._queues.values())
 
     def close_session(self, session_id: str) -> int:
+        """Drop the session and fail its steps still waiting here (for KV admission or in a stage's queue)
+        with FAILED_PRECONDITION; a pass running one of them right now drops what it opened when it ends.
+        Otherwise a step whose caller gave up (a coalesced step is not cancelled on the worker) would open
+        the session again after the close: an orphan holding KV memory until idle eviction."""
+        for task in self._admitting.pop(session_id, ()):
+            task.cancel()
+        closed = FailedPrecondition(f"session {session_id} was closed on worker {self.worker_id}")
+        with self._queue_lock:
+            for key, queue in list(self._queues.items()):
+                mine = [item for item in queue if item.session_id == session_id]
+                for item in mine:
+                    item.closed = True
+                    _deliver(item.future, closed)
+                rest = [item for item in queue if item.session_id != session_id]
+                if rest:
+                    self._queues[key] = rest
+                else:  # a pass already scheduled finds nothing and ends
+                    self._queues.pop(key, None)
         return self.sessions.drop(session_id)
 
     def evict_idle(self, idle_s: float) -> int:
@@ -468,6 +524,22 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         log.debug("event loop closed; dropping %s", getattr(fn, "__name__", fn))
+
+
+def _outcome(future: asyncio.Future, session_id: str) -> StepResult | ModelGridError:
+    """What a ForwardBatch step's future ended with, as the step's result."""
+    if future.cancelled():  # its admission was cancelled by close_session
+        return FailedPrecondition(f"session {session_id} was closed while its step waited for KV memory")
+    err = future.exception()
+    return future.result() if err is None else _step_error(err, session_id)
+
+
+def _step_error(err: BaseException, session_id: str) -> ModelGridError:
+    """A step's error as its result: a ModelGridError as it is, anything else (a bug) INTERNAL, logged here."""
+    if isinstance(err, ModelGridError):
+        return err
+    log.error("step of session %s failed", session_id, exc_info=err)
+    return ModelGridError(f"step of session {session_id} failed: {type(err).__name__}: {err}")
 
 
 def _deliver_all(results: list[tuple[asyncio.Future, Any]]) -> None:

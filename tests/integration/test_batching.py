@@ -127,7 +127,9 @@ async def test_a_crowd_stays_within_the_kv_budget_and_the_excess_queues_or_is_re
     print(f"64 streams in {time.monotonic() - started:.1f} s: {len(completed)} completed, {len(refused)} refused; "
           f"max KV bytes reported {[max(s) for s in samples.values()]} of {BUDGET}")
     assert len(completed) + len(refused) == 64
-    assert len(completed) >= 16  # the first 16 fit at once on both workers
+    # the first 16 fit at once; the rest wait for the memory of those ahead of them, which go on decoding
+    # meanwhile (a step waiting for memory must not hold back the running sessions coalesced with it)
+    assert len(completed) >= 48
     for prompt, tokens in completed:
         assert tokens == references[tuple(prompt)]
     assert {kind for kind, _ in outcomes} <= {"ok", "RESOURCE_EXHAUSTED"}, outcomes

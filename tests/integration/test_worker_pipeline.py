@@ -25,6 +25,7 @@ from modelgrid.upload import iter_upload_chunks
 from services.worker.app import WorkerApp, start_worker, stop_worker
 from services.worker.config import WorkerConfig
 from services.worker.tensors import decode, encode
+from tests.stack import hf_greedy_many
 from tests.support import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -487,15 +488,14 @@ async def test_concurrent_sessions_are_batched_and_match_one_at_a_time(workers: 
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4)
 
 
-async def test_forward_batch_shares_a_pass_and_each_step_fails_alone(workers: Workers) -> None:
+async def test_forward_batch_shares_a_pass_and_each_step_fails_alone(workers: Workers, llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     stub, app = await workers.start("coalesced")
     await stub.LoadStage(load_req(0, 4))
     prompts = [[1, 5 + i, 9, 200 + 3 * i][: 2 + i] for i in range(3)]
-    alone = []
-    for i, p in enumerate(prompts):
-        a = await stub.Forward(fwd(f"alone-{i}", 0, 4, 0, tokens=p))
-        b = await stub.Forward(fwd(f"alone-{i}", 0, 4, len(p), tokens=[a.token.token_id], step=1))
-        alone.append([a.token.token_id, b.token.token_id])
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    expected = hf_greedy_many(model, prompts, 2)
 
     steps = [fwd(f"together-{i}", 0, 4, 0, tokens=p) for i, p in enumerate(prompts)]
     steps.insert(1, fwd("lost", 0, 4, 5, tokens=[3]))  # a session this worker never saw, mid-way
@@ -515,5 +515,82 @@ async def test_forward_batch_shares_a_pass_and_each_step_fails_alone(workers: Wo
     decodes = [fwd(f"together-{i}", 0, 4, len(p), tokens=[firsts[i]], step=1) for i, p in enumerate(prompts)]
     results = {r.index: r for m in [m async for m in stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=decodes))]
                for r in m.results}
-    assert [[f, results[i].response.token.token_id] for i, f in enumerate(firsts)] == alone
+    assert [[f, results[i].response.token.token_id] for i, f in enumerate(firsts)] == expected
     assert [results[i].response.cache_length for i in range(3)] == [len(p) + 1 for p in prompts]
+
+
+SESSION_TOKENS = 16
+SESSION_KV = SESSION_TOKENS * 4 * 2 * 2 * 16 * 4  # 4 layers x (k, v) x 2 kv heads x head_dim 16 x float32
+
+
+async def test_a_step_waiting_for_kv_memory_does_not_hold_back_the_rest_of_its_batch(
+    workers: Workers, reference_tokens: list[int]
+) -> None:
+    stub, app = await workers.start("kv-wait", kv_budget_bytes=2 * SESSION_KV, kv_admission_timeout_s=120)
+    await stub.LoadStage(load_req(0, 4))
+    for session in ("run-0", "run-1"):  # they fill the KV budget
+        a = await stub.Forward(fwd(session, 0, 4, 0, tokens=PROMPT, max_session_tokens=SESSION_TOKENS))
+        assert a.token.token_id == reference_tokens[0]
+    decode = [reference_tokens[0]]
+    steps = [fwd("run-0", 0, 4, len(PROMPT), tokens=decode, step=1, max_session_tokens=SESSION_TOKENS),
+             fwd("new", 0, 4, 0, tokens=PROMPT, max_session_tokens=SESSION_TOKENS),
+             fwd("run-1", 0, 4, len(PROMPT), tokens=decode, step=1, max_session_tokens=SESSION_TOKENS)]
+    call = stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=steps))
+    # the running sessions advance while the new one waits for memory they hold (the bound only ends a
+    # failing run: before the fix they waited for the new session's 120 s admission)
+    first = await asyncio.wait_for(call.read(), 60)
+    assert sorted((r.index, r.code, r.response.token.token_id) for r in first.results) == [
+        (0, "", reference_tokens[1]), (2, "", reference_tokens[1])]
+    assert app.runtime.admission.queued == 1
+    await stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="run-0"))  # frees room for the new one
+    (second,) = (await asyncio.wait_for(call.read(), 60)).results
+    assert (second.index, second.code, second.response.token.token_id) == (1, "", reference_tokens[0])
+    assert await call.read() == grpc.aio.EOF
+
+
+async def test_closing_a_session_fails_its_queued_step_and_leaves_no_session(
+    workers: Workers, reference_tokens: list[int]
+) -> None:
+    stub, app = await workers.start("close-queued")
+    await stub.LoadStage(load_req(0, 4))
+    gate = threading.Event()  # holds the torch thread, so that both steps wait in the queue
+    blocker = asyncio.ensure_future(app.runtime.run(gate.wait))
+    try:
+        call = stub.ForwardBatch(worker_pb2.ForwardBatchRequest(
+            steps=[fwd("gone", 0, 4, 0, tokens=PROMPT), fwd("kept", 0, 4, 0, tokens=PROMPT)]))
+        deadline = asyncio.get_running_loop().time() + 10
+        while app.runtime.queued_steps() < 2:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="gone"))
+    finally:
+        gate.set()
+    await blocker
+    results = {r.index: r for m in [m async for m in call] for r in m.results}
+    assert results[0].code == "FAILED_PRECONDITION" and "closed" in results[0].message
+    assert (results[1].code, results[1].response.token.token_id) == ("", reference_tokens[0])
+    assert not app.runtime.sessions.known("gone")  # not opened again by its step after the close
+    assert app.runtime.sessions.active_sessions() == 1 and app.runtime.queued_steps() == 0
+
+
+async def test_a_pass_failing_with_a_bug_fails_its_steps_and_the_batch_goes_on(
+    workers: Workers, reference_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub, app = await workers.start("pass-bug")
+    await stub.LoadStage(load_req(0, 2))
+    await stub.LoadStage(load_req(2, 4))
+    a = await stub.Forward(fwd("b", 0, 2, 0, tokens=PROMPT))
+    last = next(stage.module for key, stage in app.runtime.stages.items() if key.start == 2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the pass")
+
+    monkeypatch.setattr(last, "forward_batch", broken)
+    steps = [fwd("a", 0, 2, 0, tokens=PROMPT), fwd("b", 2, 4, 0, hidden=a.hidden)]
+    results = {r.index: r for m in [m async for m in stub.ForwardBatch(worker_pb2.ForwardBatchRequest(steps=steps))]
+               for r in m.results}
+    assert results[1].code == "INTERNAL" and "a bug in the pass" in results[1].message
+    assert results[0].code == "" and results[0].response.cache_length == len(PROMPT)
+    monkeypatch.undo()
+    b = await stub.Forward(fwd("c", 2, 4, 0, hidden=a.hidden))  # the stage still serves
+    assert b.token.token_id == reference_tokens[0]
