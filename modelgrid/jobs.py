@@ -85,7 +85,7 @@ def _item(kind: str, value: str | Mapping[str, Any]) -> jobs_pb2.JobItem:
     if isinstance(value, str):
         return jobs_pb2.JobItem(text=value) if kind == "embed" else jobs_pb2.JobItem(prompt=value)
     fields = dict(value)
-    if "id" in fields:
+    if fields.get("id") is not None:  # an integer id is kept as its decimal string; None (like JSONL null) = position
         fields["id"] = str(fields["id"])
     return jobs_pb2.JobItem(**fields)
 

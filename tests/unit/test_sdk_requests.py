@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelgrid import convert
+from modelgrid import convert, jobs
 from modelgrid.aio import AsyncClient
 from modelgrid.client import Client
 from modelgrid.errors import InvalidArgument
@@ -105,3 +105,12 @@ def test_placement_and_model_conversion() -> None:
     ))
     assert model.latest is not None and model.latest.version == "v2" and model.latest.total_bytes == 3
     assert model.aliases == {"latest": "v2", "prod": "v1"}
+
+
+def test_inline_job_items_keep_ids_as_strings_and_a_null_id_unset() -> None:
+    request = jobs.submit_request("m", "generate", items=["a", {"id": 7, "prompt": "b"}, {"id": None, "prompt": "c"}],
+                                  max_tokens=4)
+    items = request.items.items
+    assert [i.prompt for i in items] == ["a", "b", "c"]
+    assert [i.id for i in items] == ["", "7", ""]  # unset: the gateway gives the item its position (not "None")
+    assert request.params.max_tokens == 4 and not request.params.HasField("temperature")
