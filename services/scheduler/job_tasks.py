@@ -279,11 +279,14 @@ class JobTasks:
         return JobStatus(JobMeta.from_json(raw[b"meta"]), raw[b"state"].decode(), raw[b"error"].decode(),
                          int(raw[b"tasks"]), int(raw[b"finished"]))
 
-    async def lease_routes(self) -> list[list[str]]:
-        """The worker ids of every live lease's route."""
+    async def active_and_routes(self) -> tuple[list[str], list[list[str]]]:
+        """What a lease looks at, in one round trip: active() and the worker ids of every live lease's route."""
         async with self._errors():
-            values = await self._redis.hvals(self._lease_workers)
-        return [v.decode().split(",") for v in values]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrange(self._active, 0, -1)
+                pipe.hvals(self._lease_workers)
+                job_ids, routes = await pipe.execute()
+        return [j.decode() for j in job_ids], [v.decode().split(",") for v in routes]
 
     async def pop(self, job_id: str, lease_id: str, expiry_ms: int) -> LeasedTask | None:
         job, task_hash, queue = self._keys(job_id)

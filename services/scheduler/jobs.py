@@ -121,10 +121,10 @@ class JobQueue:
             await self._wakeup.wait(min(left, RECHECK_S))
 
     async def _try_lease(self) -> Lease | None:
-        job_ids = await self.tasks.active()
+        job_ids, routes = await self.tasks.active_and_routes()
         if not job_ids:
             return None
-        load = worker_load(await self.tasks.lease_routes())
+        load = worker_load(routes)
         cap = self._config.job_tasks_per_worker
         for job_id in job_ids:
             status = await self.tasks.status(job_id)
