@@ -132,10 +132,10 @@ def _embed_item(where: str, value: dict[str, Any], item_id: str) -> JobInput:
 
 def _generate_item(where: str, value: dict[str, Any], item_id: str, max_tokens_cap: int) -> JobInput:
     prompt = _string(where, value, "prompt")
-    max_tokens = value.get("max_tokens", 0)
+    max_tokens = value.get("max_tokens")
     if max_tokens is None:
-        max_tokens = 0
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 0 <= max_tokens <= max_tokens_cap:
+        return JobInput(item_id, prompt=prompt)  # max_tokens 0: the job's
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_cap:
         raise InvalidArgument(
             f"{where}: max_tokens must be an integer in [1, {max_tokens_cap}] (or absent), got {json.dumps(max_tokens)}")
     return JobInput(item_id, prompt=prompt, max_tokens=max_tokens)

@@ -25,6 +25,7 @@ def test_jsonl_items_keep_their_ids_and_skip_blank_lines() -> None:
     (b'{"text": "x"}', "generate", "line 1: unknown field 'text'"),
     (b'{"prompt": "x", "max_tokens": 65}', "generate", "line 1: max_tokens must be an integer in [1, 64]"),
     (b'{"prompt": "x", "max_tokens": "3"}', "generate", "line 1: max_tokens must be an integer"),
+    (b'{"prompt": "x", "max_tokens": 0}', "generate", "line 1: max_tokens must be an integer in [1, 64] (or absent)"),
     (b'{"id": [1], "text": "x"}', "embed", "line 1: id must be a string or an integer"),
     (b'{"id": 1, "text": "x"}\n{"id": "1", "text": "y"}', "embed", "line 2: id '1' is used twice (first at line 1)"),
     (b'"just a string"', "embed", "line 1: expected a JSON object"),
