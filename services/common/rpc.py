@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import grpc
 
@@ -66,7 +66,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary_wrapper
 
 
-def raise_for_rpc_error(err: grpc.aio.AioRpcError) -> None:
+def raise_for_rpc_error(err: grpc.aio.AioRpcError) -> NoReturn:
     """Re-raise a failed downstream call as the matching ModelGridError (keeps its code and message)."""
     from modelgrid.errors import from_code
 

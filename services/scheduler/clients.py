@@ -4,6 +4,7 @@ calls become ModelGridErrors with the downstream code and message."""
 from __future__ import annotations
 
 import logging
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,13 @@ log = logging.getLogger(__name__)
 WORKER_SERVICE = "modelgrid.v1.Worker"
 
 
+def raise_registry_error(err: grpc.aio.AioRpcError, address: str) -> NoReturn:
+    """A failed registry call as a ModelGridError: unreachable or too slow becomes Unavailable (retryable)."""
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise Unavailable(f"registry at {address} is unavailable: {err.details() or err.code().name}") from err
+    raise_for_rpc_error(err)
+
+
 class RegistryClient:
     """Registry.ListDeployments and ResolveVersion."""
 
@@ -29,16 +37,11 @@ class RegistryClient:
         self._channel = traced_channel(address)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
-    def _raise(self, err: grpc.aio.AioRpcError) -> None:
-        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise Unavailable(f"registry at {self.address} is unavailable: {err.details() or err.code().name}") from err
-        raise_for_rpc_error(err)
-
     async def list_deployments(self) -> list[Deployment]:
         try:
             reply = await self._stub.ListDeployments(registry_pb2.ListDeploymentsRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
-            self._raise(err)
+            raise_registry_error(err, self.address)
         return [deployment_from_proto(d) for d in reply.deployments]
 
     async def resolve_version(self, model: str, version: str) -> str:
@@ -48,7 +51,7 @@ class RegistryClient:
                 registry_pb2.ResolveVersionRequest(model=model, version=version), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as err:
-            self._raise(err)
+            raise_registry_error(err, self.address)
         return reply.version
 
     async def close(self) -> None:
@@ -73,8 +76,19 @@ class WorkerClients:
         request = worker_pb2.LoadStageRequest(
             model=model, version=version, start_layer=start, end_layer=end, epoch=epoch
         )
+        await self._instruct(address, "LoadStage", request, timeout_s)
+
+    async def unload_stage(
+        self, address: str, model: str, version: str, start: int, end: int, epoch: int, timeout_s: float
+    ) -> None:
+        request = worker_pb2.UnloadStageRequest(
+            model=model, version=version, start_layer=start, end_layer=end, epoch=epoch
+        )
+        await self._instruct(address, "UnloadStage", request, timeout_s)
+
+    async def _instruct(self, address: str, method: str, request: Any, timeout_s: float) -> None:
         try:
-            await worker_pb2_grpc.WorkerStub(self._channel(address)).LoadStage(request, timeout=timeout_s)
+            await getattr(worker_pb2_grpc.WorkerStub(self._channel(address)), method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             await self._forget_unreachable(address, err)
             raise_for_rpc_error(err)
@@ -85,18 +99,6 @@ class WorkerClients:
         details = (err.details() or "").lower()
         if err.code() == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in details or "refused" in details):
             await self.forget(address)
-
-    async def unload_stage(
-        self, address: str, model: str, version: str, start: int, end: int, epoch: int, timeout_s: float
-    ) -> None:
-        request = worker_pb2.UnloadStageRequest(
-            model=model, version=version, start_layer=start, end_layer=end, epoch=epoch
-        )
-        try:
-            await worker_pb2_grpc.WorkerStub(self._channel(address)).UnloadStage(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as err:
-            await self._forget_unreachable(address, err)
-            raise_for_rpc_error(err)
 
     async def probe(self, address: str, timeout_s: float) -> str:
         """The worker's gRPC health status within timeout_s ("SERVING", "NOT_SERVING" while it drains, ...),

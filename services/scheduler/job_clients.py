@@ -6,10 +6,9 @@ from typing import Any
 
 import grpc
 
-from modelgrid.errors import Unavailable
 from modelgrid.v1 import jobs_pb2, jobs_pb2_grpc
-from services.common.rpc import raise_for_rpc_error
 from services.common.tracing import traced_channel
+from services.scheduler.clients import raise_registry_error
 from services.scheduler.convert import stored_job_from_proto
 from services.scheduler.job_tasks import StoredJob
 
@@ -28,10 +27,7 @@ class JobStoreClient:
         try:
             return await getattr(self._stub, method)(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
-            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(
-                    f"registry at {self.address} is unavailable: {err.details() or err.code().name}") from err
-            raise_for_rpc_error(err)
+            raise_registry_error(err, self.address)
 
     async def get(self, job_id: str) -> StoredJob:
         return stored_job_from_proto(await self._call("GetJob", jobs_pb2.GetJobRequest(job_id=job_id)))
