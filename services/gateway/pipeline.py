@@ -113,10 +113,7 @@ class Session:
             if i == last and out.token is not None:
                 return out.token
             if i == last or out.hidden is None:
-                raise HopFailed(hop, Aborted(
-                    f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
-                    f"{len(route.hops)}; the route is stale"
-                ))
+                raise _stale(route, i)
             hidden = out.hidden
         raise AssertionError("unreachable")
 
@@ -124,6 +121,16 @@ class Session:
         """Free the session on every worker it touched (best effort, concurrently)."""
         addresses, self.touched = sorted(self.touched), set()
         await asyncio.gather(*(self._router.workers.close_session(a, self.session_id) for a in addresses))
+
+
+def _stale(route: Route, i: int) -> HopFailed:
+    """Hop i answered with an output its place in the route does not expect (hidden states from the last
+    stage, or none from another): the stage was re-placed under a route we still hold."""
+    hop = route.hops[i]
+    return HopFailed(hop, Aborted(
+        f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
+        f"{len(route.hops)}; the route is stale"
+    ))
 
 
 async def close_shielded(session: Session) -> None:
@@ -260,9 +267,6 @@ async def _encoder_hops(
                 )
             return out.embeddings
         if i == last or out.hidden is None:
-            raise HopFailed(hop, Aborted(
-                f"stage [{hop.start_layer},{hop.end_layer}) answered with the wrong output for hop {i} of "
-                f"{len(route.hops)}; the route is stale"
-            ))
+            raise _stale(route, i)
         hidden = out.hidden
     raise AssertionError("unreachable")

@@ -203,6 +203,22 @@ async def test_stale_epoch_and_lost_session_replay_without_excluding(tokenizer) 
     assert scheduler.route_calls == 3  # the cached route was dropped twice
 
 
+async def test_a_stage_answering_the_wrong_output_drops_the_route(tokenizer) -> None:
+    """The first stage answering a token (re-placed as a whole model under our route): stale, re-routed, replayed."""
+    router, scheduler, workers = make([40, 41])
+    forward = workers.forward_decoder
+
+    async def first_call_answers_a_token(route, hop, session_id, **kw) -> HopOutput:
+        out = await forward(route, hop, session_id, **kw)
+        return HopOutput(token=(99, -0.1)) if len(workers.calls) == 1 else out
+
+    workers.forward_decoder = first_call_answers_a_token
+    chunks = await collect(router, plan(max_tokens=2), tokenizer)
+    assert [c.token_id for c in chunks] == [40, 41]
+    assert scheduler.route_calls == 2 and scheduler.reported == []
+    assert ("addr-a", 0, 3, True) in workers.calls  # the prompt replayed from position 0
+
+
 async def test_prefill_failure_is_replayed_with_reset(tokenizer) -> None:
     router, _, workers = make([40, 41])
     workers.fail[2] = Unavailable("connection reset")  # second hop of the prefill
