@@ -16,7 +16,6 @@ A finished task stays finished: the results are in the registry already, whoever
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -252,27 +251,24 @@ class JobTasks:
         job = f"{self._prefix}job:{job_id}"
         return job, job + ":tasks", job + ":queue"
 
-    def _errors(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return redis_errors()
-
     async def create(self, meta: JobMeta, created_ms: int, spans: Sequence[tuple[int, int]]) -> int:
         """Queue one task per span unless the job has tasks already; how many were created (0: it had)."""
         tasks = [json.dumps({"s": s, "e": e, "st": "queued", "a": 0, "l": "", "x": []}) for s, e in spans]
         if not tasks:
             return 0
         job, task_hash, queue = self._keys(meta.job_id)
-        async with self._errors():
+        async with redis_errors():
             return int(await self._create(keys=[job, task_hash, queue, self._active],
                                           args=[meta.job_id, created_ms, meta.to_json(), *tasks]))
 
     async def active(self) -> list[str]:
         """Job ids with tasks in Redis, oldest first."""
-        async with self._errors():
+        async with redis_errors():
             return [j.decode() for j in await self._redis.zrange(self._active, 0, -1)]
 
     async def status(self, job_id: str) -> JobStatus | None:
         job, _, _ = self._keys(job_id)
-        async with self._errors():
+        async with redis_errors():
             raw = await self._redis.hgetall(job)
         if not raw or b"meta" not in raw:
             return None
@@ -281,7 +277,7 @@ class JobTasks:
 
     async def active_and_routes(self) -> tuple[list[str], list[list[str]]]:
         """What a lease looks at, in one round trip: active() and the worker ids of every live lease's route."""
-        async with self._errors():
+        async with redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zrange(self._active, 0, -1)
                 pipe.hvals(self._lease_workers)
@@ -290,7 +286,7 @@ class JobTasks:
 
     async def pop(self, job_id: str, lease_id: str, expiry_ms: int) -> LeasedTask | None:
         job, task_hash, queue = self._keys(job_id)
-        async with self._errors():
+        async with redis_errors():
             got = await self._pop(keys=[job, task_hash, queue, self._leases], args=[job_id, lease_id, expiry_ms])
         if not got:
             return None
@@ -301,7 +297,7 @@ class JobTasks:
     async def set_route(self, task: LeasedTask, workers: Sequence[str]) -> bool:
         """Record the lease's route (its load on the workers); with no workers, give the task back unused."""
         _, task_hash, queue = self._keys(task.job_id)
-        async with self._errors():
+        async with redis_errors():
             return bool(await self._route(
                 keys=[task_hash, queue, self._leases, self._lease_workers],
                 args=[task.task, task.lease_id, task.member, ",".join(workers)],
@@ -309,14 +305,14 @@ class JobTasks:
 
     async def extend(self, job_id: str, task: int, lease_id: str, expiry_ms: int) -> bool:
         _, task_hash, _ = self._keys(job_id)
-        async with self._errors():
+        async with redis_errors():
             return bool(await self._extend(keys=[task_hash, self._leases],
                                            args=[task, lease_id, member(job_id, task), expiry_ms]))
 
     async def finish(self, job_id: str, task: int) -> int:
         """-1 unknown, 0 finished before, 1 finished, 2 finished and the job's last (its keys are gone)."""
         job, task_hash, queue = self._keys(job_id)
-        async with self._errors():
+        async with redis_errors():
             return int(await self._finish(keys=[job, task_hash, queue, self._leases, self._lease_workers, self._active],
                                           args=[job_id, task, member(job_id, task)]))
 
@@ -326,7 +322,7 @@ class JobTasks:
         """Give a leased task back (lease_id '' = only if its lease expired by now_ms): 1 queued again,
         0 out of attempts (the job is marked failed with reason), -1 stale."""
         job, task_hash, queue = self._keys(job_id)
-        async with self._errors():
+        async with redis_errors():
             return int(await self._release(
                 keys=[job, task_hash, queue, self._leases, self._lease_workers],
                 args=[task, member(job_id, task), lease_id, now_ms, max_attempts, json.dumps(list(avoid)), reason,
@@ -335,7 +331,7 @@ class JobTasks:
 
     async def expired(self, now_ms: int) -> list[tuple[str, int]]:
         """(job id, task) of every lease that expired by now_ms."""
-        async with self._errors():
+        async with redis_errors():
             members = await self._redis.zrangebyscore(self._leases, "-inf", now_ms)
         out = []
         for m in members:
@@ -346,6 +342,6 @@ class JobTasks:
     async def drop(self, job_id: str) -> bool:
         """Forget a job's tasks and leases (cancelled, failed or ended elsewhere)."""
         job, task_hash, queue = self._keys(job_id)
-        async with self._errors():
+        async with redis_errors():
             return bool(await self._drop(keys=[job, task_hash, queue, self._leases, self._lease_workers, self._active],
                                          args=[job_id]))

@@ -137,18 +137,15 @@ class SchedulerState:
     def _field(model: str, version: str) -> str:
         return f"{model}/{version}"
 
-    def _errors(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return redis_errors()
-
     async def claim_marker(self) -> bool:
         """Set the marker; True when it was missing (a fresh, restarted or flushed Redis)."""
-        async with self._errors():
+        async with redis_errors():
             return bool(await self._redis.set(self._marker, "1", nx=True))
 
     # -- membership -------------------------------------------------------------------------------
 
     async def register(self, worker: WorkerRecord, ttl_s: float) -> None:
-        async with self._errors():
+        async with redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._worker_key(worker.worker_id), worker.to_json(), px=max(1, int(ttl_s * 1000)))
                 pipe.sadd(self._members, worker.worker_id)
@@ -156,7 +153,7 @@ class SchedulerState:
 
     async def heartbeat(self, worker: WorkerRecord, ttl_s: float) -> int | None:
         """Refresh a registered worker; its epoch, or None when it is not registered (expired or unknown)."""
-        async with self._errors():
+        async with redis_errors():
             epoch = await self._heartbeat(
                 keys=[self._worker_key(worker.worker_id), self._members, self._epoch],
                 args=[worker.to_json(), max(1, int(ttl_s * 1000)), worker.worker_id],
@@ -164,7 +161,7 @@ class SchedulerState:
         return None if int(epoch) < 0 else int(epoch)
 
     async def get_worker(self, worker_id: str) -> WorkerRecord | None:
-        async with self._errors():
+        async with redis_errors():
             raw = await self._redis.get(self._worker_key(worker_id))
         return WorkerRecord.from_json(raw) if raw else None
 
@@ -172,25 +169,25 @@ class SchedulerState:
         ids = sorted(set(worker_ids))
         if not ids:
             return {}
-        async with self._errors():
+        async with redis_errors():
             raws = await self._redis.mget([self._worker_key(i) for i in ids])
         return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}
 
     async def member_ids(self) -> set[str]:
         """Ids in the member set, their key expired or not (who was registered before a restart)."""
-        async with self._errors():
+        async with redis_errors():
             return {i.decode() for i in await self._redis.smembers(self._members)}
 
     async def workers(self) -> list[WorkerRecord]:
         """Live members (their key has not expired), by id."""
-        async with self._errors():
+        async with redis_errors():
             ids = await self._redis.smembers(self._members)
         found = await self.get_workers(i.decode() for i in ids)
         return [found[i] for i in sorted(found)]
 
     async def prune_expired(self) -> list[str]:
         """Drop members whose key expired; the ids dropped."""
-        async with self._errors():
+        async with redis_errors():
             ids = sorted(i.decode() for i in await self._redis.smembers(self._members))
             if not ids:
                 return []
@@ -205,7 +202,7 @@ class SchedulerState:
         return removed
 
     async def remove_worker(self, worker_id: str) -> bool:
-        async with self._errors():
+        async with redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._worker_key(worker_id))
                 pipe.srem(self._members, worker_id)
@@ -215,23 +212,23 @@ class SchedulerState:
     # -- epoch and placements ---------------------------------------------------------------------
 
     async def epoch(self) -> int:
-        async with self._errors():
+        async with redis_errors():
             raw = await self._redis.get(self._epoch)
         return int(raw or 0)
 
     async def raise_epoch(self, floor: int) -> int:
         """Make the epoch at least floor (after a Redis flush, workers know newer epochs); returns it."""
-        async with self._errors():
+        async with redis_errors():
             return int(await self._raise_epoch(keys=[self._epoch], args=[int(floor)]))
 
     async def placements(self) -> dict[tuple[str, str], PlacementRecord]:
-        async with self._errors():
+        async with redis_errors():
             raw = await self._redis.hgetall(self._placements)
         records = (PlacementRecord.from_json(v) for v in raw.values())
         return {r.key: r for r in records}
 
     async def get_placement(self, model: str, version: str) -> PlacementRecord | None:
-        async with self._errors():
+        async with redis_errors():
             raw = await self._redis.hget(self._placements, self._field(model, version))
         return PlacementRecord.from_json(raw) if raw else None
 
@@ -253,7 +250,7 @@ class SchedulerState:
         return await self._write_script(model, version, expected_epoch, "", floor)
 
     async def _write_script(self, model: str, version: str, expected: int | None, body: str, floor: int) -> int | None:
-        async with self._errors():
+        async with redis_errors():
             epoch = int(await self._write(
                 keys=[self._placements, self._epoch],
                 args=[self._field(model, version), -1 if expected is None else expected, body, int(floor)],
@@ -262,7 +259,7 @@ class SchedulerState:
 
     async def update_placement(self, record: PlacementRecord) -> bool:
         """Rewrite a record without a new epoch (readiness); False when its epoch changed meanwhile."""
-        async with self._errors():
+        async with redis_errors():
             done = await self._update(
                 keys=[self._placements],
                 args=[self._field(record.model, record.version), record.epoch, record.to_json()],
