@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -32,14 +31,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("river mill daughter barges market apples bread cheese fish pipeline stage layer device tokens train "
-         "coast clerk numbers tables receipts fox dog rain roofs lamps engineers latency memory capital city "
-         "library maps islands letters sailors clock cache worker session children park hills").split()
-
-
-def corpus(n: int, seed: int = 7) -> list[str]:
-    rng = random.Random(seed)
-    return [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 24))) for i in range(n)]
 
 
 def minilm_dir() -> Path:
@@ -100,8 +91,9 @@ def main() -> int:
 
     from modelgrid import Client
     from tests.e2e.cluster import Cluster
+    from tests.support import word_texts
 
-    texts = corpus(args.n)
+    texts = word_texts(args.n)
     directory = minilm_dir()
     print(f"all-MiniLM-L6-v2, {args.n} texts of 1-24 words; job: 2 replicas x {args.stages} stage(s), "
           f"{args.task_items} items per task")

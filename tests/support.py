@@ -6,6 +6,7 @@ Readiness is awaited by polling grpc.health.v1, never by sleeping a fixed time.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,6 +21,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+WORDS = ("river mill daughter barges market apples bread cheese fish pipeline stage layer device tokens train "
+         "coast clerk numbers tables receipts fox dog rain roofs lamps engineers latency memory capital city "
+         "library maps islands letters sailors clock cache worker session children park hills").split()
+
+
+def word_texts(n: int, seed: int = 7) -> list[str]:
+    """n different texts of 1-24 words (the index makes each unique): the job corpus of tests and benches."""
+    rng = random.Random(seed)
+    return [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 24))) for i in range(n)]
 
 
 def free_port() -> int:

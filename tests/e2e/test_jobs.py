@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,14 +29,12 @@ from modelgrid.errors import FailedPrecondition, NotFound
 from modelgrid.model import write_random_checkpoint
 from modelgrid.v1 import gateway_pb2, jobs_pb2
 from tests.e2e.cluster import Cluster
+from tests.support import word_texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MODEL = "jobs-bert"
 N = 10_000
-WORDS = ("river mill daughter barges market apples bread cheese fish pipeline stage layer device tokens train "
-         "coast clerk numbers tables receipts fox dog rain roofs lamps engineers latency memory capital city "
-         "library maps islands letters sailors clock cache worker session children park hills").split()
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +55,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str], Path]:
     """(ids, texts, the JSONL file): 10,000 different texts of 1-24 words."""
-    rng = random.Random(7)
-    texts = [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 24))) for i in range(N)]
+    texts = word_texts(N)
     ids = [f"doc-{i:05d}" for i in range(N)]
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts)))

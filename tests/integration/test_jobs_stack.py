@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -26,19 +25,11 @@ import pytest_asyncio
 from modelgrid.model import write_random_checkpoint
 from modelgrid.v1 import common_pb2, gateway_pb2, jobs_pb2
 from tests.stack import Stack, decisive_llama, running_stack
+from tests.support import word_texts as texts
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(400)]
 
 BERT, LLM = "job-bert", "job-llama"
-WORDS = ("river mill daughter barges market apples bread cheese fish pipeline stage layer device tokens train "
-         "coast clerk numbers tables receipts fox dog rain roofs lamps engineers latency memory capital city "
-         "library maps islands letters sailors clock cache worker session children park hills").split()
-
-
-def texts(n: int, seed: int = 7) -> list[str]:
-    """n different texts of 1-24 words (the index makes each unique)."""
-    rng = random.Random(seed)
-    return [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 24))) for i in range(n)]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
