@@ -273,12 +273,13 @@ class WorkerRuntime:
     def _context(self) -> StepContext:
         return StepContext(self.sessions, self.kv_limit, lambda: self.draining, self.worker_id)
 
-    async def decoder_step(self, key: StageKey, epoch: int, req: DecoderStep) -> StepResult:
-        """Admit the step's session if it is new here, then queue the step for the stage's next passes."""
-        need = self._check(key, epoch, req)
+    async def decoder_step(self, stage: Stage, req: DecoderStep) -> StepResult:
+        """Admit the step's session if it is new here, then queue the step for the stage's next passes.
+        stage: from stage_for (the caller looked it up to parse the request)."""
+        need = self._check(stage, req)
         if need is not None:
-            await self.admission.admit(req.session_id, key, *need)
-        (item,) = self._enqueue([(key, req)])
+            await self.admission.admit(req.session_id, stage.key, *need)
+        (item,) = self._enqueue([(stage.key, req)])
         return await item.future
 
     async def decoder_steps(
@@ -301,7 +302,7 @@ class WorkerRuntime:
                 continue
             key, epoch, req = s
             try:
-                need = self._check(key, epoch, req)
+                need = self._check(self.stage_for(key, epoch), req)
                 if need is None or self.admission.try_admit(req.session_id, key, *need):
                     ready.append((index, key, req))
                 else:
@@ -350,11 +351,11 @@ class WorkerRuntime:
         task.add_done_callback(forget)
         return task
 
-    def _check(self, key: StageKey, epoch: int, req: DecoderStep) -> tuple[int, int] | None:
+    def _check(self, stage: Stage, req: DecoderStep) -> tuple[int, int] | None:
         """Check a step against the stage; the (KV bytes, tokens) its session must be admitted for
         when it starts (or replays from 0) on the stage, else None (a running session, or a replay within
         what the session holds; a wrong position is the step's to refuse in its pass)."""
-        stage = self.stage_for(key, epoch)
+        key = stage.key
         if stage.spec.kind != "decoder":
             raise InvalidArgument(f"{key} is an encoder: send tokens_shape and attention_mask, no session")
         if req.num_stages:
@@ -433,11 +434,9 @@ class WorkerRuntime:
         if rest:
             self._submit_pass(key, loop)
 
-    async def encoder_step(self, key: StageKey, epoch: int, req: EncoderStep) -> StepResult:
-        stage = self.stage_for(key, epoch)
-        if stage.spec.kind != "encoder":
-            raise InvalidArgument(f"{key} is a decoder: send a session id and position, no tokens_shape")
-        return await self.run(run_encoder_step, stage.module, key, req, self._context())
+    async def encoder_step(self, stage: Stage, req: EncoderStep) -> StepResult:
+        """stage: an encoder's, from stage_for (the caller looked it up to parse the request)."""
+        return await self.run(run_encoder_step, stage.module, stage.key, req, self._context())
 
     def _gather(self, key: StageKey) -> int:
         """With the queue lock held: the stage's fair share of its open sessions' steps (fair_share: with

@@ -42,13 +42,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Forward(
         self, request: worker_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ForwardResponse:
-        key = convert.stage_key(request)
-        if self.runtime.stage_for(key, int(request.epoch)).spec.kind == "encoder":
-            step = convert.encoder_step_from_proto(request)
-            result = await self.runtime.encoder_step(key, int(request.epoch), step)
+        stage = self.runtime.stage_for(convert.stage_key(request), int(request.epoch))
+        if stage.spec.kind == "encoder":
+            result = await self.runtime.encoder_step(stage, convert.encoder_step_from_proto(request))
         else:
-            step = convert.decoder_step_from_proto(request)
-            result = await self.runtime.decoder_step(key, int(request.epoch), step)
+            result = await self.runtime.decoder_step(stage, convert.decoder_step_from_proto(request))
         return convert.forward_response(result)
 
     @rpc
