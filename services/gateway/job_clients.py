@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Sequence
 
-import grpc
-
 from modelgrid.v1 import jobs_pb2, jobs_pb2_grpc
 from services.gateway import convert
 from services.gateway.domain import ItemOutput, TaskLease
 from services.gateway.job_inputs import JobInput
-from services.gateway.upstream import DEFAULT_TIMEOUT_S, Channels, _Client, downstream_error
+from services.gateway.upstream import DEFAULT_TIMEOUT_S, Channels, _Client
 
 
 class JobStoreClient(_Client):
@@ -40,13 +38,9 @@ class JobStoreClient(_Client):
         request = jobs_pb2.PutJobResultsRequest(job_id=job_id, results=convert.outputs_to_proto(outputs))
         return await self._unary("PutJobResults", request)
 
-    async def results(self, job_id: str, start: int, timeout: float | None) -> AsyncIterator[jobs_pb2.JobResult]:
+    def results(self, job_id: str, start: int, timeout: float | None) -> AsyncIterator[jobs_pb2.JobResult]:
         request = jobs_pb2.GetJobResultsRequest(job_id=job_id, start=start)
-        try:
-            async for result in self._stub.StreamJobResults(request, timeout=timeout):
-                yield result
-        except grpc.aio.AioRpcError as err:
-            raise downstream_error(self.service, self.address, err) from None
+        return self._stream("StreamJobResults", request, timeout)
 
 
 class JobQueueClient(_Client):

@@ -120,6 +120,14 @@ class _Client:
         except grpc.aio.AioRpcError as err:
             raise downstream_error(self.service, self.address, err) from None
 
+    async def _stream(self, method: str, request: Any, timeout: float | None) -> AsyncIterator[Any]:
+        """A server-streaming call's replies as they come."""
+        try:
+            async for reply in getattr(self._stub, method)(request, timeout=timeout):
+                yield reply
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error(self.service, self.address, err) from None
+
 
 class RegistryClient(_Client):
     service = "registry"
@@ -137,14 +145,11 @@ class RegistryClient(_Client):
         """A whole file of a version, reassembled from its chunks."""
         request = registry_pb2.FetchFileRequest(model=model, version=version, path=path)
         buf = bytearray()
-        try:
-            async for chunk in self._stub.FetchFile(request, timeout=timeout):
-                end = chunk.offset + len(chunk.data)
-                if len(buf) < end:
-                    buf.extend(b"\0" * (end - len(buf)))
-                buf[chunk.offset : end] = chunk.data
-        except grpc.aio.AioRpcError as err:
-            raise downstream_error(self.service, self.address, err) from None
+        async for chunk in self._stream("FetchFile", request, timeout):
+            end = chunk.offset + len(chunk.data)
+            if len(buf) < end:
+                buf.extend(b"\0" * (end - len(buf)))
+            buf[chunk.offset : end] = chunk.data
         return bytes(buf)
 
     async def list_models(self, request: common_pb2.ListModelsRequest, timeout: float | None) -> Any:
@@ -175,10 +180,7 @@ class RegistryClient(_Client):
 
     async def upload_version(self, chunks: AsyncIterator[common_pb2.UploadVersionChunk], timeout: float | None) -> Any:
         """Streams the client's upload on to the registry as it arrives."""
-        try:
-            return await self._stub.UploadVersion(chunks, timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            raise downstream_error(self.service, self.address, err) from None
+        return await self._unary("UploadVersion", chunks, timeout)
 
 
 class SchedulerClient(_Client):
