@@ -114,10 +114,8 @@ class Platform:
         self.scheduler = ""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra_env}
         argv = [sys.executable, "-m", "modelgrid", "up", "--workers", str(workers), "--port", str(self.port),
-                "--data-dir", str(data_dir), "--log-level", "WARNING"]
-        up_help = subprocess.run([*argv[:4], "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
-        if "--http-port" in up_help.stdout:
-            argv += ["--http-port", "-1"]  # the OpenAI-compatible HTTP API is not benchmarked here
+                "--data-dir", str(data_dir), "--log-level", "WARNING",
+                "--http-port", "-1"]  # the OpenAI-compatible HTTP API is not benchmarked here
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
