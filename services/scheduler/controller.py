@@ -132,7 +132,11 @@ class Controller:
 
     async def current_epoch(self) -> int:
         """The newest epoch: what instructions and routes carry (never below one this process saw)."""
-        epoch = max(await self.state.epoch(), self._epoch_seen)
+        return self.newest_epoch(await self.state.epoch())
+
+    def newest_epoch(self, stored: int) -> int:
+        """current_epoch from an epoch the caller read from Redis itself (with other keys, in one round trip)."""
+        epoch = max(stored, self._epoch_seen)
         self.note_epoch(epoch)
         return epoch
 

@@ -134,7 +134,7 @@ class JobQueue:
             placement = await self._state.get_placement(meta.model, meta.version)
             if placement is None:
                 continue
-            live = await self._live(placement)
+            live, epoch = await self._live(placement)
             label = f"model '{meta.model}' {meta.version}"
             if choose_task_route(placement.stages, live, load, cap, label=label) is None:
                 continue  # every replica busy: do not take a task out of the queue
@@ -146,14 +146,15 @@ class JobQueue:
             if hops is None or not await self.tasks.set_route(task, [h.worker_id for h in hops]):
                 await self.tasks.set_route(task, [])
                 continue
-            route = Route(meta.model, meta.version, await self._controller.current_epoch(), tuple(hops))
+            route = Route(meta.model, meta.version, self._controller.newest_epoch(epoch), tuple(hops))
             return Lease(meta, task, route, self._config.job_lease_s)
         return None
 
-    async def _live(self, placement: PlacementRecord) -> set[str]:
+    async def _live(self, placement: PlacementRecord) -> tuple[set[str], int]:
+        """The placement's serving workers, and the stored epoch (read with them, for the lease's route)."""
         ids = {r.worker_id for s in placement.stages for r in s.replicas}
-        workers = await self._state.get_workers(ids)
-        return {wid for wid, w in workers.items() if w.serving}
+        workers, epoch = await self._state.workers_and_epoch(ids)
+        return {wid for wid, w in workers.items() if w.serving}, epoch
 
     async def extend(self, job_id: str, task: int, lease_id: str) -> None:
         expiry = now_ms() + int(self._config.job_lease_s * 1000)

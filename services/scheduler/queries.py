@@ -48,13 +48,13 @@ class Queries:
         if record.state == UNPLACEABLE:
             raise ResourceExhausted(record.message or f"{record.label} cannot be placed")
         ids = {r.worker_id for s in record.stages for r in s.replicas}
-        workers = await self._state.get_workers(ids)
+        workers, epoch = await self._state.workers_and_epoch(ids)
         sessions = {wid: w.active_sessions for wid, w in workers.items()}
         draining = {wid for wid, w in workers.items() if not w.serving}
         hops = choose_route(record.stages, sessions, exclude, record.label, self._rng, draining)
         # The newest epoch, not the placement's: workers fence Forward against the newest instruction they
         # got for the model, which may carry a later epoch than the placement's last change.
-        return Route(model, version, await self._controller.current_epoch(), tuple(hops))
+        return Route(model, version, self._controller.newest_epoch(epoch), tuple(hops))
 
     async def placement(self, model: str, version: str) -> PlacementRecord:
         version, record = await self._resolve(model, version)

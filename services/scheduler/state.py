@@ -173,6 +173,17 @@ class SchedulerState:
             raws = await self._redis.mget([self._worker_key(i) for i in ids])
         return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}
 
+    async def workers_and_epoch(self, worker_ids: Iterable[str]) -> tuple[dict[str, WorkerRecord], int]:
+        """get_workers and the stored epoch in one round trip (what a route needs)."""
+        ids = sorted(set(worker_ids))
+        async with redis_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self._epoch)
+                for i in ids:
+                    pipe.get(self._worker_key(i))
+                epoch, *raws = await pipe.execute()
+        return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}, int(epoch or 0)
+
     async def member_ids(self) -> set[str]:
         """Ids in the member set, their key expired or not (who was registered before a restart)."""
         async with redis_errors():

@@ -45,6 +45,15 @@ async def test_membership_lives_as_long_as_heartbeats(state: SchedulerState) -> 
     assert await state.prune_expired() == []
 
 
+async def test_workers_and_epoch_reads_both_at_once(state: SchedulerState) -> None:
+    assert await state.workers_and_epoch([]) == ({}, 0)
+    await state.register(WorkerRecord("w1", "127.0.0.1:1", active_sessions=3), 30.0)
+    await state.write_placement(record(), expected_epoch=None)
+    workers, epoch = await state.workers_and_epoch(["w1", "gone", "w1"])
+    assert list(workers) == ["w1"] and workers["w1"].active_sessions == 3
+    assert epoch == await state.epoch() == 1
+
+
 async def test_placement_writes_bump_the_epoch_and_refuse_stale_writers(state: SchedulerState) -> None:
     first = await state.write_placement(record(), expected_epoch=None)
     assert first is not None and first.epoch == 1 and await state.epoch() == 1
