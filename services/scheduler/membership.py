@@ -64,8 +64,7 @@ class Membership:
             raise self._unknown(worker_id)
         HEARTBEAT_AGES.seen(worker_id, worker.last_seen_ms)
         self._controller.note_state(worker_id, worker.serving)
-        self._controller.note_epoch(epoch)
-        return max(epoch, self._controller.epoch_floor([]))
+        return self._controller.newest_epoch(epoch)
 
     @staticmethod
     def _unknown(worker_id: str) -> NotFound:
