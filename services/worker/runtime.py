@@ -124,9 +124,9 @@ class WorkerRuntime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-torch")
         # reading a new stage's weights (disk, host-to-device copies) must not stall the passes of the others
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-load")
-        # decoder steps waiting for (or part-way through) the passes of their stage, in arrival order
+        # decoder steps waiting for (or part-way through) the passes of their stage, in arrival order; a stage
+        # is a key here exactly while a pass of it is submitted to the torch thread (the pass removes it)
         self._queues: dict[StageKey, list[Pending]] = {}
-        self._scheduled: set[StageKey] = set()  # stages with a pass submitted to the torch thread
         self._depths: dict[StageKey, int] = {}  # stages in the routes through each stage, as the gateway said
         self._queue_lock = threading.Lock()
         self._admitting: dict[str, set[asyncio.Task]] = {}  # per session: ForwardBatch steps waiting for KV
@@ -378,10 +378,10 @@ class WorkerRuntime:
         submit = []
         with self._queue_lock:
             for (key, _), item in zip(steps, items):
-                self._queues.setdefault(key, []).append(item)
-                if key not in self._scheduled:
-                    self._scheduled.add(key)
+                if key not in self._queues:
+                    self._queues[key] = []
                     submit.append(key)
+                self._queues[key].append(item)
             self._arrived.notify_all()
         for key in submit:
             self._submit_pass(key, loop)
@@ -426,7 +426,6 @@ class WorkerRuntime:
                 self._queues[key] = rest
             else:
                 self._queues.pop(key, None)
-                self._scheduled.discard(key)
         results = [(item.future, result) for item, result in ended if result is not None]
         if results:  # one hand-off to the event loop per pass, not one per step
             _call_soon(loop, _deliver_all, results)
@@ -478,11 +477,8 @@ class WorkerRuntime:
                 for item in mine:
                     item.closed = True
                     _deliver(item.future, closed)
-                rest = [item for item in queue if item.session_id != session_id]
-                if rest:
-                    self._queues[key] = rest
-                else:  # a pass already scheduled finds nothing and ends
-                    self._queues.pop(key, None)
+                # left as a key even when empty: its pass is still scheduled, finds nothing and removes it
+                self._queues[key] = [item for item in queue if item.session_id != session_id]
         return self.sessions.drop(session_id)
 
     def evict_idle(self, idle_s: float) -> int:
