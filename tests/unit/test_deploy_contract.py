@@ -75,14 +75,10 @@ def service_settings(service: str) -> dict[str, Setting]:
     """The settings of services/<service>/config.py by environment variable name.
 
     The config dataclass is found by scanning the module for dataclasses whose fields carry an
-    "env" metadata (preferring those defined in the module itself). Skips while the service is
-    not written yet (no __main__.py); fails when it runs without a config module.
+    "env" metadata (preferring those defined in the module itself).
     """
-    service_dir = ROOT / "services" / service
-    if not (service_dir / "config.py").exists():
-        if not (service_dir / "__main__.py").exists():
-            pytest.skip(f"services/{service} is not written yet (no config.py, no __main__.py)")
-        pytest.fail(f"services/{service}/__main__.py exists but services/{service}/config.py does not")
+    if not (ROOT / "services" / service / "config.py").exists():
+        pytest.fail(f"services/{service}/config.py does not exist")
     module = importlib.import_module(f"services.{service}.config")
     classes = [
         obj
@@ -204,12 +200,9 @@ def module_file(module: str) -> Path | None:
 
 
 def assert_modules_exist(modules: set[str], where: str) -> None:
-    """Fail for a `python -m` module that does not exist; skip while a known service is still unwritten."""
+    """Fail for a `python -m` module that does not exist."""
     missing = sorted(m for m in modules if module_file(m) is None)
-    unknown = [m for m in missing if not service_of(m)]
-    assert not unknown, f"{where} runs `python -m` on modules that do not exist: {unknown}"
-    if missing:
-        pytest.skip(f"{where}: {missing} not written yet (no __main__.py); the other modules exist")
+    assert not missing, f"{where} runs `python -m` on modules that do not exist: {missing}"
 
 
 def service_of(module: str) -> str | None:
