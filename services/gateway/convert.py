@@ -71,6 +71,11 @@ def stats_to_proto(traffic: Traffic, active_streams: int) -> gateway_pb2.Gateway
     )
 
 
+def _optional(message: Any, name: str) -> Any:
+    """An optional (proto3 `optional`) field's value, None when unset."""
+    return getattr(message, name) if message.HasField(name) else None
+
+
 def generate_params(req: gateway_pb2.GenerateRequest, limits: Limits) -> GenerateParams:
     """Checks the request's own fields; unset optional fields become None (the defaults)."""
     which = req.WhichOneof("prompt")
@@ -79,11 +84,11 @@ def generate_params(req: gateway_pb2.GenerateRequest, limits: Limits) -> Generat
         version=req.version,
         text=req.text if which == "text" else None,
         token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
-        temperature=req.temperature if req.HasField("temperature") else None,
-        top_p=req.top_p if req.HasField("top_p") else None,
-        top_k=req.top_k if req.HasField("top_k") else None,
-        seed=req.seed if req.HasField("seed") else None,
+        max_tokens=_optional(req, "max_tokens"),
+        temperature=_optional(req, "temperature"),
+        top_p=_optional(req, "top_p"),
+        top_k=_optional(req, "top_k"),
+        seed=_optional(req, "seed"),
         stop=list(req.stop),
         limits=limits,
     )
@@ -120,10 +125,6 @@ def embed_response(result: Embeddings, version: str) -> gateway_pb2.EmbedRespons
 
 
 # ---- batch jobs ----------------------------------------------------------------------------------
-
-def _optional(message: jobs_pb2.JobParams, name: str) -> Any:
-    return getattr(message, name) if message.HasField(name) else None
-
 
 def job_settings_from_proto(p: jobs_pb2.JobParams) -> JobSettings:
     return JobSettings(
