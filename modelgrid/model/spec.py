@@ -72,7 +72,7 @@ class ModelSpec:
         """KV-cache bytes one token costs in one layer (0 for encoders, which keep no cache)."""
         if self.kind != "decoder":
             return 0
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
 
     def kv_bytes_per_token(self, dtype: torch.dtype, num_layers: int | None = None) -> int:
         """KV-cache bytes one token costs across num_layers layers (default: all of them)."""

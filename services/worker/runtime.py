@@ -233,7 +233,7 @@ class WorkerRuntime:
         self._check_range(key, spec)
         dtype = spec.dtype_default(self.device)
         numel = sum(p.numel() for p in meta_stage(spec, key.start, key.end).parameters())
-        need = numel * torch.empty((), dtype=dtype).element_size()
+        need = numel * dtype.itemsize
         free = self.free_memory()
         if need > free:
             raise ResourceExhausted(

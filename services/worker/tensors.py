@@ -58,7 +58,7 @@ def decode(data: bytes, dtype: str, shape: Sequence[int], what: str = "tensor") 
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
     torch_dtype, view = DTYPES[dtype]
-    itemsize = torch.empty((), dtype=view).element_size()
+    itemsize = view.itemsize
     numel = math.prod(shape)
     if len(data) != numel * itemsize:
         raise InvalidArgument(
