@@ -15,6 +15,7 @@ many small groups, each paying a whole pass of weight reads for a few tokens.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -115,6 +116,8 @@ class BatchStats:
     prefill_chunks: int = 0  # passes that ran part of a prompt and left the rest for later
     max_sessions: int = 0  # largest pass so far
     busy_s: float = 0.0  # time the torch thread spent running passes
+    # sessions in each of the recent passes
+    batch_sizes: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=1000))
 
     def record(self, sizes: Sequence[int], chunked: int) -> None:
         self.passes += 1
@@ -125,3 +128,4 @@ class BatchStats:
             self.batched_steps += len(sizes)
         self.prefill_chunks += chunked
         self.max_sessions = max(self.max_sessions, len(sizes))
+        self.batch_sizes.append(len(sizes))

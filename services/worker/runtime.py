@@ -13,7 +13,6 @@ stages on this worker take turns.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import functools
 import json
@@ -132,7 +131,6 @@ class WorkerRuntime:
         self._admitting: dict[str, set[asyncio.Task]] = {}  # per session: ForwardBatch steps waiting for KV
         self._arrived = threading.Condition(self._queue_lock)  # notified when a step is queued
         self.stats = BatchStats()
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # sessions in recent passes
 
     # ---- epochs -----------------------------------------------------------------------------
 
@@ -400,7 +398,6 @@ class WorkerRuntime:
             queue = list(self._queues.get(key, ()))
         started = time.perf_counter()
         stage = self.stages.get(key)  # it may have been unloaded while the steps waited
-        passes, steps = self.stats.passes, self.stats.steps
         limits = self.limits
         if 0 < share < limits.max_sessions:
             limits = dataclasses.replace(limits, max_sessions=share)
@@ -414,8 +411,6 @@ class WorkerRuntime:
             log.exception("pass of %s over %d steps failed", key, len(queue))
             failed = ModelGridError(f"a pass of {key} failed on worker {self.worker_id}: {type(err).__name__}: {err}")
             ended = [(item, failed) for item in queue]
-        if self.stats.passes != passes:
-            self.batch_sizes.append(self.stats.steps - steps)
         with self._queue_lock:
             for item in queue:  # closed while this pass ran: drop what its prepare may have opened again
                 if item.closed and self.sessions.peek(item.session_id, key) is not None:

@@ -85,7 +85,7 @@ async def test_concurrent_sessions_are_batched_and_change_no_token(stack: Stack,
     for rt, (batched, chunks) in zip(runtimes, before):
         assert rt.stats.batched_passes > batched, f"{rt.worker_id} never ran two sessions in one pass"
         assert rt.stats.prefill_chunks > chunks  # prompts of up to 48 tokens in passes of 16
-        assert max(rt.batch_sizes) > 1
+        assert max(rt.stats.batch_sizes) > 1
     await stack.wait_no_sessions()
     # the last worker started is the one whose figures Prometheus shows
     w1 = runtimes[1]

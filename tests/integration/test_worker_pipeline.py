@@ -469,7 +469,7 @@ async def test_concurrent_sessions_are_batched_and_match_one_at_a_time(workers: 
         return [(a.token.token_id, a.token.logprob), (b.token.token_id, b.token.logprob)]
 
     alone = [await two_steps(f"alone-{i}", p) for i, p in enumerate(prompts)]
-    assert max(app.runtime.batch_sizes) == 1
+    assert max(app.runtime.stats.batch_sizes) == 1
 
     # hold the torch thread so that every session's prefill queues up, then release it
     gate = threading.Event()
@@ -482,7 +482,7 @@ async def test_concurrent_sessions_are_batched_and_match_one_at_a_time(workers: 
     gate.set()
     together = await asyncio.gather(*tasks)
     await blocker
-    assert len(prompts) in app.runtime.batch_sizes  # all prefills ran as one forward pass
+    assert len(prompts) in app.runtime.stats.batch_sizes  # all prefills ran as one forward pass
     for got, want in zip(together, alone):
         assert [t for t, _ in got] == [t for t, _ in want]
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4)
@@ -509,7 +509,7 @@ async def test_forward_batch_shares_a_pass_and_each_step_fails_alone(workers: Wo
     codes = [results[i].code for i in range(len(steps))]
     assert codes == ["", "FAILED_PRECONDITION", "", "", "FAILED_PRECONDITION", "INVALID_ARGUMENT"]
     assert "position 5" in results[1].message and "not loaded" in results[4].message
-    assert len(prompts) in app.runtime.batch_sizes
+    assert len(prompts) in app.runtime.stats.batch_sizes
     firsts = [results[i].response.token.token_id for i in (0, 2, 3)]
 
     decodes = [fwd(f"together-{i}", 0, 4, len(p), tokens=[firsts[i]], step=1) for i, p in enumerate(prompts)]
