@@ -8,6 +8,9 @@ PR_SET_PDEATHSIG, so they die with the launcher even when it is killed with SIGK
 
 Layout of the data dir: registry.db, artifacts/ (registry), redis/, workers/<id>/cache/,
 logs/<name>.log, run/<name>.pid (removed on a clean stop), demo-checkpoint/.
+
+The workers share the machine's cores: each gets --torch-threads cores / workers (at least 1), unless
+MODELGRID_WORKER_TORCH_THREADS is set.
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ class StartupError(Exception):
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived."""
+
+
+def worker_torch_threads(workers: int) -> int:
+    """torch CPU threads per worker when `workers` of them share this machine: its cores split between them
+    (at least 1). Each worker's torch would otherwise start a thread per core, so N workers would run N times
+    as many threads as there are cores, and pipeline stages on CPU would slow each other down."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
 
 
 @dataclass
@@ -281,9 +295,11 @@ class Launcher:
             worker_id = f"worker-{i}"
             cache = self.data_dir / "workers" / worker_id / "cache"
             cache.mkdir(parents=True, exist_ok=True)
+            threads = [] if "MODELGRID_WORKER_TORCH_THREADS" in os.environ else [
+                "--torch-threads", str(worker_torch_threads(opts.workers))]
             last.append(self._service(worker_id, "worker", port, [
                 "--advertise", f"127.0.0.1:{port}", "--worker-id", worker_id, "--scheduler", scheduler.address,
-                "--registry", registry.address, "--cache-dir", str(cache),
+                "--registry", registry.address, "--cache-dir", str(cache), *threads,
             ], fatal=False))
         last.append(self._service("gateway", "gateway", opts.port, [
             "--registry", registry.address, "--scheduler", scheduler.address, "--redis-url", redis_url,

@@ -225,6 +225,9 @@ def test_up_demo_generate_placement_workers_then_sigterm(tmp_path: Path) -> None
         pids = up.child_pids()
         assert {"redis", "registry", "scheduler", "worker-0", "worker-1", "gateway"} <= set(pids), pids
         assert all(process_alive(pid) for pid in pids.values()), pids
+        if "MODELGRID_WORKER_TORCH_THREADS" not in os.environ:  # the 2 workers split the cores between them
+            argv = Path(f"/proc/{pids['worker-0']}/cmdline").read_bytes().decode().split("\0")
+            assert argv[argv.index("--torch-threads") + 1] == str(max(1, len(os.sched_getaffinity(0)) // 2)), argv
         gw = ["--gateway", up.gateway]
 
         max_tokens = 8
