@@ -13,9 +13,10 @@ Printed per configuration (median over the repetitions, runs interleaved so back
 tokens/s over the whole generation (prefill included, as generate() does), time to first token, per-token
 decode latency p50/p99. The latency a stage hop adds is derived from the decode latencies: the compute is the
 same whatever the split, so (latency with k stages - latency with 1 stage) / (k - 1) is the cost of a hop.
-Then, to see where a hop's time goes, one session runs through the 2-worker route with Worker.Forward called
-directly from this process (no gateway), and the same stages run loaded in this process: Forward time =
-stage compute + RPC/handoff, next to a bare GetStatus round trip (gRPC alone).
+Then, to see where a hop's time goes, one session runs through the 2-worker route with its steps sent
+directly from this process (no gateway) on each worker's step stream (ForwardStream, what the gateway uses),
+and the same stages run loaded in this process: step time = stage compute + RPC/handoff, next to a bare
+GetStatus round trip (a unary gRPC call alone).
 
 Reading the numbers: on a small shared CPU box every process competes for the same cores, so a stage computes
 slower inside a worker than alone (the workers' torch threads, `modelgrid up` splitting the cores between
@@ -204,9 +205,32 @@ class HopProbe:
     """One hop of a route, timed per decode step."""
 
     span: tuple[int, int]
-    forward: list[float] = field(default_factory=list)  # Forward round trip from this process
+    forward: list[float] = field(default_factory=list)  # a step on the step stream, round trip from this process
     compute: list[float] = field(default_factory=list)  # the same stage's forward in this process
     status_rtt: list[float] = field(default_factory=list)  # GetStatus round trip: gRPC alone, no torch
+
+
+class StepStream:
+    """A worker's ForwardStream from a blocking client: one step out, its result back."""
+
+    def __init__(self, stub) -> None:  # noqa: ANN001 - worker_pb2_grpc.WorkerStub
+        from modelgrid.v1 import worker_pb2
+
+        self._pb = worker_pb2
+        self._out: queue.Queue = queue.Queue()
+        self._replies = stub.ForwardStream(iter(self._out.get, None), timeout=600)
+
+    def step(self, request):  # noqa: ANN001, ANN201 - ForwardRequest -> ForwardResponse
+        self._out.put(self._pb.ForwardBatchRequest(steps=[request]))
+        (result,) = next(self._replies).results
+        if result.code:
+            raise RuntimeError(f"{result.code}: {result.message}")
+        return result.response
+
+    def close(self) -> None:
+        self._out.put(None)
+        for _ in self._replies:
+            pass
 
 
 def probe_hops(platform: Platform, directory: Path, name: str, prompt: list[int], new_tokens: int) -> list[HopProbe]:
@@ -222,6 +246,7 @@ def probe_hops(platform: Platform, directory: Path, name: str, prompt: list[int]
         route = scheduler_pb2_grpc.SchedulerStub(channel).GetRoute(scheduler_pb2.GetRouteRequest(model=name), timeout=30)
     channels = [sync_channel(h.address) for h in route.hops]
     stubs = [worker_pb2_grpc.WorkerStub(c) for c in channels]
+    streams = [StepStream(stub) for stub in stubs]  # what the gateway sends its steps over
     probes = [HopProbe((h.start_layer, h.end_layer)) for h in route.hops]
     session, ids, position = uuid.uuid4().hex, list(prompt), 0
     try:
@@ -231,13 +256,14 @@ def probe_hops(platform: Platform, directory: Path, name: str, prompt: list[int]
                 request = worker_pb2.ForwardRequest(
                     session_id=session, model=route.model, version=route.version, start_layer=hop.start_layer,
                     end_layer=hop.end_layer, epoch=route.epoch, position=position, step=step,
-                    max_session_tokens=len(prompt) + new_tokens, sampling=common_pb2.SamplingParams(temperature=0.0))
+                    max_session_tokens=len(prompt) + new_tokens, sampling=common_pb2.SamplingParams(temperature=0.0),
+                    num_stages=len(route.hops))
                 if i == 0:
                     request.tokens.ids.extend(ids)
                 else:
                     request.hidden.CopyFrom(reply.hidden)
                 start = time.perf_counter()
-                reply = stubs[i].Forward(request, timeout=60)
+                reply = streams[i].step(request)
                 if step:  # decode steps only
                     probes[i].forward.append(time.perf_counter() - start)
             position += len(ids)
@@ -248,6 +274,8 @@ def probe_hops(platform: Platform, directory: Path, name: str, prompt: list[int]
                 stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
                 probe.status_rtt.append(time.perf_counter() - start)
     finally:
+        for stream in streams:
+            stream.close()
         for stub in stubs:
             stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=session), timeout=10)
         for channel in channels:
@@ -297,16 +325,16 @@ def report(
           + ", ".join(f"{label.split(' (')[0]} {tps:.1f}" for label, tps in best.items()))
     if probes:
         med = statistics.median
-        print(f"direct Forward calls on the {len(probes)}-worker route (decode steps, p50 ms):")
+        print(f"steps sent directly on the {len(probes)}-worker route's step streams (decode steps, p50 ms):")
         for i, p in enumerate(probes):
-            print(f"  hop {i} layers [{p.span[0]}, {p.span[1]}): Forward {med(p.forward) * ms:.2f} = stage compute "
+            print(f"  hop {i} layers [{p.span[0]}, {p.span[1]}): step {med(p.forward) * ms:.2f} = stage compute "
                   f"in-process {med(p.compute) * ms:.2f} + RPC/handoff {(med(p.forward) - med(p.compute)) * ms:.2f} "
                   f"(a bare GetStatus round trip: {med(p.status_rtt) * ms:.2f})")
         k = len(probes)
         if k in mg:
             direct = sum(med(p.forward) for p in probes)
-            print(f"  the gateway adds per decode step over direct calls: {(mg[k].gap(0.5) - direct) * ms:.2f} ms "
-                  f"(its decode p50 {mg[k].gap(0.5) * ms:.2f} - sum of direct Forward {direct * ms:.2f})")
+            print(f"  the gateway adds per decode step over direct steps: {(mg[k].gap(0.5) - direct) * ms:.2f} ms "
+                  f"(its decode p50 {mg[k].gap(0.5) * ms:.2f} - sum of direct steps {direct * ms:.2f})")
     if 2 in mg:
         ratio = mg[2].tokens_per_s(args.new_tokens) / hf.tokens_per_s(args.new_tokens)
         print(f"2 workers vs transformers in-process: {ratio:.2f}x (target >= 0.9x)")

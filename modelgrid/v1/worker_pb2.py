@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from modelgrid.v1 import common_pb2 as modelgrid_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19modelgrid/v1/worker.proto\x12\x0cmodelgrid.v1\x1a\x19modelgrid/v1/common.proto\"i\n\x10LoadStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"=\n\x11LoadStageResponse\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelgrid.v1.LoadedStage\"k\n\x12UnloadStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"\x15\n\x13UnloadStageResponse\"\xa9\x03\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bstart_layer\x18\x04 \x01(\x05\x12\x11\n\tend_layer\x18\x05 \x01(\x05\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12(\n\x06tokens\x18\x07 \x01(\x0b\x32\x16.modelgrid.v1.TokenIdsH\x00\x12&\n\x06hidden\x18\x08 \x01(\x0b\x32\x14.modelgrid.v1.TensorH\x00\x12\x10\n\x08position\x18\t \x01(\x03\x12\r\n\x05reset\x18\n \x01(\x08\x12.\n\x08sampling\x18\x0b \x01(\x0b\x32\x1c.modelgrid.v1.SamplingParams\x12\x0c\n\x04step\x18\x0c \x01(\x03\x12,\n\x0e\x61ttention_mask\x18\r \x01(\x0b\x32\x14.modelgrid.v1.Tensor\x12\x14\n\x0ctokens_shape\x18\x0e \x03(\x03\x12\x1a\n\x12max_session_tokens\x18\x0f \x01(\x05\x12\x12\n\nnum_stages\x18\x10 \x01(\x05\x42\x07\n\x05input\"1\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb2\x01\n\x0f\x46orwardResponse\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x14.modelgrid.v1.TensorH\x00\x12+\n\x05token\x18\x02 \x01(\x0b\x32\x1a.modelgrid.v1.SampledTokenH\x00\x12*\n\nembeddings\x18\x03 \x01(\x0b\x32\x14.modelgrid.v1.TensorH\x00\x12\x14\n\x0c\x63\x61\x63he_length\x18\x04 \x01(\x03\x42\x08\n\x06output\"B\n\x13\x46orwardBatchRequest\x12+\n\x05steps\x18\x01 \x03(\x0b\x32\x1c.modelgrid.v1.ForwardRequest\"n\n\rForwardResult\x12\r\n\x05index\x18\x04 \x01(\x05\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.modelgrid.v1.ForwardResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"D\n\x14\x46orwardBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.modelgrid.v1.ForwardResult\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x12\n\x10GetStatusRequest2\xe9\x03\n\x06Worker\x12L\n\tLoadStage\x12\x1e.modelgrid.v1.LoadStageRequest\x1a\x1f.modelgrid.v1.LoadStageResponse\x12R\n\x0bUnloadStage\x12 .modelgrid.v1.UnloadStageRequest\x1a!.modelgrid.v1.UnloadStageResponse\x12\x46\n\x07\x46orward\x12\x1c.modelgrid.v1.ForwardRequest\x1a\x1d.modelgrid.v1.ForwardResponse\x12W\n\x0c\x46orwardBatch\x12!.modelgrid.v1.ForwardBatchRequest\x1a\".modelgrid.v1.ForwardBatchResponse0\x01\x12U\n\x0c\x43loseSession\x12!.modelgrid.v1.CloseSessionRequest\x1a\".modelgrid.v1.CloseSessionResponse\x12\x45\n\tGetStatus\x12\x1e.modelgrid.v1.GetStatusRequest\x1a\x18.modelgrid.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19modelgrid/v1/worker.proto\x12\x0cmodelgrid.v1\x1a\x19modelgrid/v1/common.proto\"i\n\x10LoadStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"=\n\x11LoadStageResponse\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelgrid.v1.LoadedStage\"k\n\x12UnloadStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\"\x15\n\x13UnloadStageResponse\"\xbd\x03\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bstart_layer\x18\x04 \x01(\x05\x12\x11\n\tend_layer\x18\x05 \x01(\x05\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12(\n\x06tokens\x18\x07 \x01(\x0b\x32\x16.modelgrid.v1.TokenIdsH\x00\x12&\n\x06hidden\x18\x08 \x01(\x0b\x32\x14.modelgrid.v1.TensorH\x00\x12\x10\n\x08position\x18\t \x01(\x03\x12\r\n\x05reset\x18\n \x01(\x08\x12.\n\x08sampling\x18\x0b \x01(\x0b\x32\x1c.modelgrid.v1.SamplingParams\x12\x0c\n\x04step\x18\x0c \x01(\x03\x12,\n\x0e\x61ttention_mask\x18\r \x01(\x0b\x32\x14.modelgrid.v1.Tensor\x12\x14\n\x0ctokens_shape\x18\x0e \x03(\x03\x12\x1a\n\x12max_session_tokens\x18\x0f \x01(\x05\x12\x12\n\nnum_stages\x18\x10 \x01(\x05\x12\x12\n\nrequest_id\x18\x11 \x01(\tB\x07\n\x05input\"1\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb2\x01\n\x0f\x46orwardResponse\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x14.modelgrid.v1.TensorH\x00\x12+\n\x05token\x18\x02 \x01(\x0b\x32\x1a.modelgrid.v1.SampledTokenH\x00\x12*\n\nembeddings\x18\x03 \x01(\x0b\x32\x14.modelgrid.v1.TensorH\x00\x12\x14\n\x0c\x63\x61\x63he_length\x18\x04 \x01(\x03\x42\x08\n\x06output\"B\n\x13\x46orwardBatchRequest\x12+\n\x05steps\x18\x01 \x03(\x0b\x32\x1c.modelgrid.v1.ForwardRequest\"n\n\rForwardResult\x12\r\n\x05index\x18\x04 \x01(\x03\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.modelgrid.v1.ForwardResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"D\n\x14\x46orwardBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.modelgrid.v1.ForwardResult\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x12\n\x10GetStatusRequest2\xc5\x04\n\x06Worker\x12L\n\tLoadStage\x12\x1e.modelgrid.v1.LoadStageRequest\x1a\x1f.modelgrid.v1.LoadStageResponse\x12R\n\x0bUnloadStage\x12 .modelgrid.v1.UnloadStageRequest\x1a!.modelgrid.v1.UnloadStageResponse\x12\x46\n\x07\x46orward\x12\x1c.modelgrid.v1.ForwardRequest\x1a\x1d.modelgrid.v1.ForwardResponse\x12W\n\x0c\x46orwardBatch\x12!.modelgrid.v1.ForwardBatchRequest\x1a\".modelgrid.v1.ForwardBatchResponse0\x01\x12Z\n\rForwardStream\x12!.modelgrid.v1.ForwardBatchRequest\x1a\".modelgrid.v1.ForwardBatchResponse(\x01\x30\x01\x12U\n\x0c\x43loseSession\x12!.modelgrid.v1.CloseSessionRequest\x1a\".modelgrid.v1.CloseSessionResponse\x12\x45\n\tGetStatus\x12\x1e.modelgrid.v1.GetStatusRequest\x1a\x18.modelgrid.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,23 +41,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADSTAGERESPONSE']._serialized_start=349
   _globals['_UNLOADSTAGERESPONSE']._serialized_end=370
   _globals['_FORWARDREQUEST']._serialized_start=373
-  _globals['_FORWARDREQUEST']._serialized_end=798
-  _globals['_SAMPLEDTOKEN']._serialized_start=800
-  _globals['_SAMPLEDTOKEN']._serialized_end=849
-  _globals['_FORWARDRESPONSE']._serialized_start=852
-  _globals['_FORWARDRESPONSE']._serialized_end=1030
-  _globals['_FORWARDBATCHREQUEST']._serialized_start=1032
-  _globals['_FORWARDBATCHREQUEST']._serialized_end=1098
-  _globals['_FORWARDRESULT']._serialized_start=1100
-  _globals['_FORWARDRESULT']._serialized_end=1210
-  _globals['_FORWARDBATCHRESPONSE']._serialized_start=1212
-  _globals['_FORWARDBATCHRESPONSE']._serialized_end=1280
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1282
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1323
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1325
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1347
-  _globals['_GETSTATUSREQUEST']._serialized_start=1349
-  _globals['_GETSTATUSREQUEST']._serialized_end=1367
-  _globals['_WORKER']._serialized_start=1370
-  _globals['_WORKER']._serialized_end=1859
+  _globals['_FORWARDREQUEST']._serialized_end=818
+  _globals['_SAMPLEDTOKEN']._serialized_start=820
+  _globals['_SAMPLEDTOKEN']._serialized_end=869
+  _globals['_FORWARDRESPONSE']._serialized_start=872
+  _globals['_FORWARDRESPONSE']._serialized_end=1050
+  _globals['_FORWARDBATCHREQUEST']._serialized_start=1052
+  _globals['_FORWARDBATCHREQUEST']._serialized_end=1118
+  _globals['_FORWARDRESULT']._serialized_start=1120
+  _globals['_FORWARDRESULT']._serialized_end=1230
+  _globals['_FORWARDBATCHRESPONSE']._serialized_start=1232
+  _globals['_FORWARDBATCHRESPONSE']._serialized_end=1300
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1302
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1343
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1345
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1367
+  _globals['_GETSTATUSREQUEST']._serialized_start=1369
+  _globals['_GETSTATUSREQUEST']._serialized_end=1387
+  _globals['_WORKER']._serialized_start=1390
+  _globals['_WORKER']._serialized_end=1971
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class UnloadStageResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "model", "version", "start_layer", "end_layer", "epoch", "tokens", "hidden", "position", "reset", "sampling", "step", "attention_mask", "tokens_shape", "max_session_tokens", "num_stages")
+    __slots__ = ("session_id", "model", "version", "start_layer", "end_layer", "epoch", "tokens", "hidden", "position", "reset", "sampling", "step", "attention_mask", "tokens_shape", "max_session_tokens", "num_stages", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class ForwardRequest(_message.Message):
     TOKENS_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: str
@@ -79,7 +80,8 @@ class ForwardRequest(_message.Message):
     tokens_shape: _containers.RepeatedScalarFieldContainer[int]
     max_session_tokens: int
     num_stages: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., reset: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., tokens_shape: _Optional[_Iterable[int]] = ..., max_session_tokens: _Optional[int] = ..., num_stages: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., reset: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., tokens_shape: _Optional[_Iterable[int]] = ..., max_session_tokens: _Optional[int] = ..., num_stages: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -56,6 +56,11 @@ class WorkerStub:
                 request_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
                 response_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/modelgrid.v1.Worker/ForwardStream',
+                request_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
+                response_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/modelgrid.v1.Worker/CloseSession',
                 request_serializer=modelgrid_dot_v1_dot_worker__pb2.CloseSessionRequest.SerializeToString,
@@ -107,6 +112,18 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """ForwardBatch over one long-lived call per gateway and worker, so a decoder step costs a message on an
+        open stream rather than a call of its own. The steps of the stream are numbered in the order they are
+        sent, from 0 (the first message's steps are 0..n-1, the next message's go on from n), and each
+        ForwardResult's index is that number. The stream has no deadline of its own: the gateway gives up on a
+        step at the step's deadline. A worker ends its streams when it has drained (SIGTERM): steps still
+        unanswered then fail, and are replayed elsewhere like those of a broken call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Frees the session's KV cache on this worker. Idempotent.
         """
@@ -140,6 +157,11 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'ForwardBatch': grpc.unary_stream_rpc_method_handler(
                     servicer.ForwardBatch,
+                    request_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.FromString,
+                    response_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.FromString,
                     response_serializer=modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.SerializeToString,
             ),
@@ -261,6 +283,33 @@ class Worker:
             request,
             target,
             '/modelgrid.v1.Worker/ForwardBatch',
+            modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
+            modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/modelgrid.v1.Worker/ForwardStream',
             modelgrid_dot_v1_dot_worker__pb2.ForwardBatchRequest.SerializeToString,
             modelgrid_dot_v1_dot_worker__pb2.ForwardBatchResponse.FromString,
             options,

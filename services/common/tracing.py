@@ -14,9 +14,9 @@ import logging
 import re
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
 
@@ -37,6 +37,19 @@ _request_id: ContextVar[str | None] = ContextVar("modelgrid_request_id", default
 def current_request_id() -> str | None:
     """The id of the request being handled in this context, if any."""
     return _request_id.get()
+
+
+@contextmanager
+def request_id(rid: str | None) -> Iterator[None]:
+    """Log lines inside carry `rid` (a step's own request, in a call that carries many requests' steps)."""
+    if not rid or not VALID_ID.match(rid):
+        yield
+        return
+    token = _request_id.set(rid)
+    try:
+        yield
+    finally:
+        _request_id.reset(token)
 
 
 def new_request_id() -> str:

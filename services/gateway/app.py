@@ -166,6 +166,7 @@ class GatewayApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.limiter.close()
+        await self.workers.close()
         await self.channels.close()
 
 

@@ -1,17 +1,19 @@
-"""Decoder steps bound for the same worker leave together, as one ForwardBatch message.
+"""Decoder steps bound for the same worker leave together, as one batch (one ForwardBatch message).
 
 Sessions that are decoding at once reach each hop at nearly the same moment: the previous stage's
 reply to a batch wakes them all in the same turn of the event loop. Each step is held until the end
-of that turn (loop.call_soon), and everything held for one worker address then goes in one call,
+of that turn (loop.call_soon), and everything held for one worker address then goes together
+(send_many: the gateway sends it as one message on the worker's step stream, see step_stream.py),
 instead of one gRPC call per session per hop. The worker queues a batch's steps together, so they
 share its passes, and streams each pass's results back as the pass ends: the sessions of a pass move on
 at once, not when the whole batch is done (which would keep all of them in one group that the stages
-pass to each other in turn, one stage idle while the other runs). A lone step goes as a plain Forward.
+pass to each other in turn, one stage idle while the other runs). A lone step goes as a plain Forward,
+unless lone_as_batch (on a stream, a batch of one costs less than a call of its own).
 
 A batch is split into groups of at most BATCH_BYTES of steps (hidden states of long prompts are large: a
-few of them together could pass gRPC's 64 MiB message cap, and RESOURCE_EXHAUSTED is not retried); a group
-of one goes as a plain Forward. A worker that answers ForwardBatch UNIMPLEMENTED (an older worker, during a
-rolling upgrade) gets each held step as a plain Forward, and only plain Forwards for NO_BATCH_RETRY_S.
+few of them together could pass gRPC's 64 MiB message cap, and RESOURCE_EXHAUSTED is not retried). A
+worker that answers ForwardBatch UNIMPLEMENTED (an older worker, during a rolling upgrade) gets each held
+step as a plain Forward, and only plain Forwards for NO_BATCH_RETRY_S.
 
 Every step keeps its own outcome: the worker answers each one (a result or a status code), and a
 call that fails as a whole (the worker unreachable, the batch's deadline) fails each of its steps
@@ -56,10 +58,11 @@ class StepCoalescer:
 
     def __init__(
         self, send_one: SendOne, send_many: SendMany, budget_bytes: int = BATCH_BYTES,
-        no_batch_retry_s: float = NO_BATCH_RETRY_S,
+        no_batch_retry_s: float = NO_BATCH_RETRY_S, lone_as_batch: bool = False,
     ) -> None:
         self._send_one = send_one
         self._send_many = send_many
+        self._lone_as_batch = lone_as_batch  # a step alone goes through send_many too (as cheap, on a stream)
         self._budget_bytes = budget_bytes
         self._no_batch_retry_s = no_batch_retry_s
         self._held: dict[str, list[_Held]] = {}
@@ -87,18 +90,16 @@ class StepCoalescer:
         if not batch:
             return
         if self._no_batch.get(address, -1.0) > asyncio.get_running_loop().time():
-            groups = [[h] for h in batch]
+            calls = [self._send_alone(h) for h in batch]
         else:
-            groups = _groups(batch, self._budget_bytes)
-        for group in groups:
-            call = asyncio.ensure_future(self._send(group))
+            calls = [self._send_alone(group[0]) if len(group) == 1 and not self._lone_as_batch else self._send(group)
+                     for group in _groups(batch, self._budget_bytes)]
+        for coroutine in calls:
+            call = asyncio.ensure_future(coroutine)
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
     async def _send(self, batch: list[_Held]) -> None:
-        if len(batch) == 1:
-            await self._send_alone(batch[0])
-            return
         hop = batch[0].hop
         timeout = max(h.timeout for h in batch)
         answered = False

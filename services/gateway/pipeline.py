@@ -1,7 +1,8 @@
 """Requests through a route of pipeline stages: a generation session, and a batch of embeddings.
 
 The gateway drives every hop (as Petals does): it sends the tokens to the first stage, carries each
-stage's hidden states on to the next, and gets the sampled token back from the last one. Because the
+stage's hidden states on to the next, and gets the sampled token back from the last one (each step as a
+message on the gateway's open stream to the worker: step_stream.py, through coalesce.py). Because the
 gateway holds the session's tokens, it can rebuild a session anywhere: when a hop fails (UNAVAILABLE,
 a broken call), has a stale epoch (ABORTED) or lost the stage or the session (FAILED_PRECONDITION), it
 drops the route, gets one without the failed worker (failover.py: a ready replica at once when there is

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import grpc
 import numpy as np
 
+from modelgrid.channel import aio_channel
 from modelgrid.errors import DeadlineExceeded, ModelGridError, Unavailable, from_code
 from modelgrid.v1 import (
     common_pb2,
@@ -28,11 +29,12 @@ from modelgrid.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from services.common.tracing import traced_channel
+from services.common.tracing import current_request_id, traced_channel
 from services.gateway import convert
 from services.gateway.auth import Principal
-from services.gateway.coalesce import StepCoalescer
+from services.gateway.coalesce import NO_BATCH_RETRY_S, StepCoalescer
 from services.gateway.domain import Hop, Route, Sampling, VersionInfo
+from services.gateway.step_stream import StepStream
 
 log = logging.getLogger(__name__)
 
@@ -72,34 +74,40 @@ def downstream_error(service: str, address: str, err: grpc.aio.AioRpcError) -> M
 
 
 class Channels:
-    """One persistent channel per address, created on first use."""
+    """One persistent channel per address, created on first use: traced (it forwards the current request id
+    on every call), or plain for the long-lived step streams (one call serves many requests, and a client
+    interceptor on a stream puts every message through an extra queue and task)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
         self._created: dict[str, float] = {}
         self._clock = clock
         self._closing: set[asyncio.Task] = set()
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, traced: bool = True) -> grpc.aio.Channel:
+        channel = self._channels.get((address, traced))
         if channel is None:
-            channel = self._channels[address] = traced_channel(address)
-            self._created[address] = self._clock()
+            channel = self._channels[address, traced] = traced_channel(address) if traced else aio_channel(address)
+            self._created.setdefault(address, self._clock())
         return channel
 
     def renew(self, address: str, min_age_s: float = RENEW_MIN_AGE_S) -> None:
-        """Replace the channel to an address that could not be connected to. A failed channel waits out
+        """Replace the channels to an address that could not be connected to. A failed channel waits out
         gRPC's reconnect backoff (seconds, growing) before it tries again; a process restarted at the same
         address (a worker after a crash) must be reachable at once. At most once per min_age_s."""
-        if address not in self._channels or self._clock() - self._created[address] < min_age_s:
+        if address not in self._created or self._clock() - self._created[address] < min_age_s:
             return
-        old = self._channels.pop(address)
-        task = asyncio.ensure_future(old.close(grace=1.0))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        del self._created[address]
+        for traced in (True, False):
+            old = self._channels.pop((address, traced), None)
+            if old is not None:
+                task = asyncio.ensure_future(old.close(grace=1.0))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
+        self._created.clear()
         for channel in channels:
             await channel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
@@ -234,8 +242,12 @@ class Workers:
     def __init__(self, channels: Channels) -> None:
         self._channels = channels
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
-        # concurrent sessions' decoder steps to the same worker go as one ForwardBatch
-        self._coalescer = StepCoalescer(self._call_forward, self._call_forward_batch)
+        # concurrent sessions' steps to the same worker go together, as one message on the worker's step
+        # stream (a lone step too); to a worker without ForwardStream, as one ForwardBatch call
+        self._coalescer = StepCoalescer(self._call_forward, self._call_forward_batch, lone_as_batch=True)
+        self._streams: dict[str, tuple[grpc.aio.Channel, StepStream]] = {}
+        self._no_stream: dict[str, float] = {}  # address -> loop.time() until which it gets ForwardBatch calls
+        self._stream_closes: set[asyncio.Task] = set()
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         """One stub per channel (a renewed channel gets a new stub), not one per hop per token."""
@@ -272,6 +284,7 @@ class Workers:
             step=step,
             max_session_tokens=max_session_tokens,
             num_stages=len(route.hops),
+            request_id=current_request_id() or "",
             sampling=common_pb2.SamplingParams(
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed
             ),
@@ -320,13 +333,55 @@ class Workers:
     async def _call_forward_batch(
         self, hop: Hop, requests: Sequence[worker_pb2.ForwardRequest], timeout: float
     ) -> AsyncIterator[Any]:
-        """The worker's ForwardBatchResponse messages, one per pass, as they come."""
+        """The worker's results, one message per pass, as they come: over its step stream, else (a worker
+        older than ForwardStream) as a ForwardBatch call."""
+        stream = self._stream(hop)
+        if stream is not None:
+            answered = False
+            try:
+                async for replies in stream.batch(requests, timeout):
+                    answered = True
+                    yield replies
+                return
+            except ModelGridError as err:
+                if err.code != "UNIMPLEMENTED" or answered:
+                    raise
+                self._no_stream[hop.address] = asyncio.get_running_loop().time() + NO_BATCH_RETRY_S
+                log.warning("worker %s at %s has no ForwardStream (%s): ForwardBatch calls to it for %.0f s",
+                            hop.worker_id, hop.address, err.message, NO_BATCH_RETRY_S)
         call = self._stub(hop.address).ForwardBatch(worker_pb2.ForwardBatchRequest(steps=requests), timeout=timeout)
         try:
             async for reply in call:
                 yield reply
         except grpc.aio.AioRpcError as err:
             raise self._hop_error(hop, err) from None
+
+    def _stream(self, hop: Hop) -> StepStream | None:
+        """The open step stream to the hop's worker (a new one if it has none, or its call ended, or the
+        channel was renewed); None while the worker is known to have no ForwardStream."""
+        address = hop.address
+        if self._no_stream.get(address, -1.0) > asyncio.get_running_loop().time():
+            return None
+        channel = self._channels.get(address, traced=False)
+        current = self._streams.get(address)
+        if current is not None and current[0] is channel and current[1].ended is None:
+            return current[1]
+        call = worker_pb2_grpc.WorkerStub(channel).ForwardStream()
+        stream = StepStream(call, lambda err: self._hop_error(hop, err), f"worker {hop.worker_id} at {address}")
+        self._streams[address] = (channel, stream)
+        if current is not None:
+            self._closing(current[1])
+        return stream
+
+    def _closing(self, stream: StepStream) -> None:
+        task = asyncio.ensure_future(stream.close())
+        self._stream_closes.add(task)
+        task.add_done_callback(self._stream_closes.discard)
+
+    async def close(self) -> None:
+        """Close the step streams (before the channels)."""
+        streams, self._streams = [s for _, s in self._streams.values()], {}
+        await asyncio.gather(*(s.close() for s in streams), *self._stream_closes, return_exceptions=True)
 
     def _hop_error(self, hop: Hop, err: grpc.aio.AioRpcError) -> ModelGridError:
         if err.code() == grpc.StatusCode.UNAVAILABLE and any(m in (err.details() or "").lower() for m in _CONNECT_FAILED):

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -42,6 +43,8 @@ class WorkerApp:
         self.membership = Membership(scheduler, self.status, runtime.observe_epoch)
         self.leaving = False  # SIGTERM: report "draining" while the scheduler hands our stages over
         self._evictor: asyncio.Task | None = None
+        # ends the servicer's open ForwardStream calls (set by start_worker)
+        self.end_streams: Callable[[], None] = lambda: None
 
     def status(self) -> WorkerStatus:
         """What heartbeats report: the runtime's status, "draining" from the moment the worker is leaving."""
@@ -82,6 +85,7 @@ class WorkerApp:
             log.warning("grace period over with %d session(s) still open; exiting anyway", left)
         else:
             log.info("all sessions closed")
+        self.end_streams()  # open ForwardStream calls would hold the server's stop for its whole grace
 
     async def _wait_handed_over(self, deadline: float) -> None:
         """Until the scheduler's placements no longer name this worker for any version it holds."""
@@ -131,6 +135,7 @@ async def start_worker(config: WorkerConfig) -> tuple[RunningServer, WorkerApp]:
     )
     app = WorkerApp(config, runtime, registry, scheduler)
     servicer = WorkerServicer(runtime, on_change=app.membership.poke)
+    app.end_streams = servicer.end_streams
     running = await create_server(
         config.listen,
         lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
@@ -149,5 +154,6 @@ async def start_worker(config: WorkerConfig) -> tuple[RunningServer, WorkerApp]:
 
 async def stop_worker(running: RunningServer, app: WorkerApp, grace_s: float = 0.0) -> None:
     """Stop an in-process worker: NOT_SERVING, stop the server, then its background tasks."""
+    app.end_streams()
     await running.stop(grace_s)
     await app.close()

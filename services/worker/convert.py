@@ -80,16 +80,17 @@ BATCH_REPLY_BYTES = 16 * 1024 * 1024
 
 
 def forward_batch_responses(
-    results: list[tuple[int, StepResult | ModelGridError]], budget_bytes: int = BATCH_REPLY_BYTES,
+    results: list[tuple[int, StepResult | ModelGridError]], budget_bytes: int = BATCH_REPLY_BYTES, base: int = 0,
 ) -> list[worker_pb2.ForwardBatchResponse]:
-    """The results of steps that ended together, in as few messages as fit budget_bytes each."""
+    """The results of steps that ended together, in as few messages as fit budget_bytes each; a result's
+    index is base + its index in the batch (base: the stream number of the batch's first step)."""
     replies = [worker_pb2.ForwardBatchResponse()]
     size = 0
     for index, result in results:
         if isinstance(result, ModelGridError):
-            one = worker_pb2.ForwardResult(index=index, code=result.code, message=result.message)
+            one = worker_pb2.ForwardResult(index=base + index, code=result.code, message=result.message)
         else:
-            one = worker_pb2.ForwardResult(index=index, response=forward_response(result))
+            one = worker_pb2.ForwardResult(index=base + index, response=forward_response(result))
         n = one.ByteSize()
         if replies[-1].results and size + n > budget_bytes:
             replies.append(worker_pb2.ForwardBatchResponse())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import AsyncIterator, Callable
@@ -11,6 +12,7 @@ import grpc
 from modelgrid.errors import ModelGridError
 from modelgrid.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.rpc import rpc
+from services.common.tracing import request_id
 from services.worker import convert
 from services.worker.runtime import WorkerRuntime
 
@@ -21,6 +23,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, runtime: WorkerRuntime, on_change: Callable[[], None] = lambda: None) -> None:
         self.runtime = runtime
         self.on_change = on_change  # stages changed: tell the scheduler at once (a heartbeat)
+        self._streams: set[asyncio.Queue] = set()  # the reply queues of the open ForwardStream calls
 
     @rpc
     async def LoadStage(
@@ -53,15 +56,81 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def ForwardBatch(
         self, request: worker_pb2.ForwardBatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:
+        async for reply in self._answer(request, base=0):
+            yield reply
+
+    @rpc
+    async def ForwardStream(
+        self, requests: AsyncIterator[worker_pb2.ForwardBatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:
+        """Each message read is answered as a ForwardBatch of its own, concurrently with the next ones; the
+        replies of all of them go out on this call as they come (see the proto for the numbering)."""
+        replies: asyncio.Queue[worker_pb2.ForwardBatchResponse | None] = asyncio.Queue()
+        batches: set[asyncio.Task] = set()
+
+        async def answer(request: worker_pb2.ForwardBatchRequest, base: int) -> None:
+            unanswered = set(range(len(request.steps)))
+            try:
+                async for reply in self._answer(request, base, stream=True):
+                    unanswered.difference_update(r.index - base for r in reply.results)
+                    replies.put_nowait(reply)
+            except Exception as err:  # noqa: BLE001 - a bug: its steps fail alone, the stream goes on
+                log.exception("ForwardStream batch at step %d failed", base)
+                failed = ModelGridError(f"ForwardStream failed on worker {self.runtime.worker_id}: {err}")
+                for reply in convert.forward_batch_responses([(i, failed) for i in sorted(unanswered)], base=base):
+                    replies.put_nowait(reply)
+
+        async def read() -> None:
+            base = 0
+            try:
+                async for request in requests:
+                    task = asyncio.ensure_future(answer(request, base))
+                    batches.add(task)
+                    task.add_done_callback(batches.discard)
+                    base += len(request.steps)
+                await asyncio.gather(*batches)  # the gateway sends no more: end once all it sent is answered
+            except grpc.aio.AioRpcError as err:  # the gateway's side broke: the call is over anyway
+                log.info("ForwardStream from the gateway ended: %s %s", err.code().name, err.details())
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        self._streams.add(replies)
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            self._streams.discard(replies)
+            for task in (reader, *batches):
+                task.cancel()
+
+    def end_streams(self) -> None:
+        """End every ForwardStream call (the worker has drained and is stopping): steps still unanswered on
+        them fail at the gateway, which replays them elsewhere."""
+        for replies in self._streams:
+            replies.put_nowait(None)
+
+    async def _answer(
+        self, request: worker_pb2.ForwardBatchRequest, base: int, stream: bool = False
+    ) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:
+        """A ForwardBatch's replies, one or more per pass; result indices start at base. Each step's outcome is
+        logged under its own request id (a failure at INFO, success at DEBUG, as a call's would be)."""
+        call = "ForwardStream" if stream else "ForwardBatch"
+        debug = log.isEnabledFor(logging.DEBUG)
         steps = self.runtime.decoder_steps(convert.decoder_batch_from_proto(request))
         async with contextlib.aclosing(steps):
             async for ended in steps:
                 for index, result in ended:
-                    # an INTERNAL one was logged with its traceback where it happened
-                    if isinstance(result, ModelGridError) and result.code != "INTERNAL":
-                        log.info("ForwardBatch step of session %s -> %s: %s", request.steps[index].session_id,
-                                 result.code, result.message)
-                for reply in convert.forward_batch_responses(ended):
+                    step = request.steps[index]
+                    with request_id(step.request_id):
+                        # an INTERNAL one was logged with its traceback where it happened
+                        if isinstance(result, ModelGridError) and result.code != "INTERNAL":
+                            log.info("%s step of session %s -> %s: %s", call, step.session_id, result.code,
+                                     result.message)
+                        elif debug and not isinstance(result, ModelGridError):
+                            log.debug("%s step of session %s at position %d -> OK", call, step.session_id,
+                                      step.position)
+                for reply in convert.forward_batch_responses(ended, base=base):
                     yield reply
 
     @rpc

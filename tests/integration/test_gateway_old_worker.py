@@ -1,12 +1,18 @@
-"""A worker without ForwardBatch (older than the gateway, during a rolling upgrade), over real gRPC: concurrent
-sessions' steps to it, which the gateway would coalesce, are each answered through plain Forwards."""
+"""Workers older than the gateway (during a rolling upgrade), over real gRPC: one without ForwardStream gets its
+steps as ForwardBatch calls, one without ForwardBatch either as plain Forwards; concurrent sessions' steps are
+all answered either way. And a worker that takes steps on its stream but never answers: each batch gives up at
+its deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import AsyncIterator
 
 import grpc
+import pytest
 
+from modelgrid.errors import DeadlineExceeded
 from modelgrid.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.domain import Hop, Route, Sampling
 from services.gateway.upstream import Channels, Workers
@@ -25,29 +31,79 @@ class OldWorker(worker_pb2_grpc.WorkerServicer):
         return reply
 
 
-async def test_concurrent_steps_to_a_worker_without_forward_batch_all_get_answers() -> None:
+class BatchWorker(OldWorker):
+    """Forward and ForwardBatch, no ForwardStream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    async def ForwardBatch(self, request: worker_pb2.ForwardBatchRequest, context):  # noqa: N802, ANN001
+        self.batches.append([s.session_id for s in request.steps])
+        reply = worker_pb2.ForwardBatchResponse()
+        for index, step in enumerate(request.steps):
+            reply.results.add(index=index).response.token.token_id = step.position + step.step
+        yield reply
+
+
+class SilentWorker(worker_pb2_grpc.WorkerServicer):
+    """Reads its step stream and never answers."""
+
+    async def ForwardStream(self, requests, context: grpc.aio.ServicerContext):  # noqa: N802
+        async for _ in requests:
+            pass
+        await asyncio.Event().wait()
+        yield worker_pb2.ForwardBatchResponse()  # never reached: an async generator
+
+
+@contextlib.asynccontextmanager
+async def gateway_to(servicer: worker_pb2_grpc.WorkerServicer) -> AsyncIterator[tuple[Workers, Hop]]:
+    """The gateway's Workers, and a hop to `servicer` served over real gRPC."""
     server = grpc.aio.server()
-    old = OldWorker()
-    worker_pb2_grpc.add_WorkerServicer_to_server(old, server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channels = Channels()
+    workers = Workers(channels)
     try:
-        workers = Workers(channels)
-        hop = Hop(0, 2, "old", f"127.0.0.1:{port}")
-        route = Route("m", "v1", 1, (hop,))
-
-        async def step(session: int, round_: int) -> int:
-            out = await workers.forward_decoder(
-                route, hop, f"s{session}", tokens=[5], hidden=None, position=session, reset=False,
-                sampling=Sampling(0.0, 0, 1.0, 7), step=round_, max_session_tokens=16, timeout=10.0,
-            )
-            return out.token[0]
-
-        for round_ in range(2):  # the second round goes straight to plain Forwards
-            tokens = await asyncio.gather(*(step(s, round_) for s in range(4)))
-            assert tokens == [s + round_ for s in range(4)]
-        assert sorted(old.forwards) == sorted([f"s{s}" for s in range(4)] * 2)
+        yield workers, Hop(0, 2, "old", f"127.0.0.1:{port}")
     finally:
+        await workers.close()
         await channels.close()
         await server.stop(None)
+
+
+async def step(workers: Workers, hop: Hop, session: int, round_: int, timeout: float = 10.0) -> int:
+    out = await workers.forward_decoder(
+        Route("m", "v1", 1, (hop,)), hop, f"s{session}", tokens=[5], hidden=None, position=session, reset=False,
+        sampling=Sampling(0.0, 0, 1.0, 7), step=round_, max_session_tokens=16, timeout=timeout,
+    )
+    return out.token[0]
+
+
+async def test_concurrent_steps_to_a_worker_without_forward_batch_all_get_answers() -> None:
+    old = OldWorker()
+    async with gateway_to(old) as (workers, hop):
+        for round_ in range(2):  # the second round goes straight to plain Forwards
+            tokens = await asyncio.gather(*(step(workers, hop, s, round_) for s in range(4)))
+            assert tokens == [s + round_ for s in range(4)]
+    assert sorted(old.forwards) == sorted([f"s{s}" for s in range(4)] * 2)
+
+
+async def test_steps_to_a_worker_without_forward_stream_go_as_forward_batch_calls() -> None:
+    old = BatchWorker()
+    async with gateway_to(old) as (workers, hop):
+        for round_ in range(2):
+            tokens = await asyncio.gather(*(step(workers, hop, s, round_) for s in range(4)))
+            assert tokens == [s + round_ for s in range(4)]
+        assert await step(workers, hop, 9, 2) == 11  # a lone step too
+    assert sorted(s for batch in old.batches for s in batch) == sorted([f"s{s}" for s in range(4)] * 2 + ["s9"])
+    assert len(old.batches) < 9 and not old.forwards  # coalesced, and never a plain Forward
+
+
+async def test_a_batch_the_worker_never_answers_gives_up_at_its_deadline() -> None:
+    async with gateway_to(SilentWorker()) as (workers, hop):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(DeadlineExceeded):
+            await step(workers, hop, 0, 0, timeout=0.5)
+        assert asyncio.get_running_loop().time() - started < 10

@@ -180,7 +180,11 @@ def test_metrics_count_exactly_and_request_ids_reach_every_service(stack: Stack)
     assert grew("scheduler", "ListWorkers") == 2
     for w in WORKERS:
         assert grew("worker", "GetStatus", w) == 2
-        assert grew("worker", "Forward", w) == generated  # each step passes both stages once
+        # each step passes both stages once, as a message on the gateway's step stream (no Forward call; the
+        # stream stays open, so it is counted when it ends)
+        assert grew("worker", "Forward", w) == 0
+        steps = "modelgrid_worker_forward_steps_total"
+        assert value(after[w], steps) - value(before[w], steps) == generated
         assert value(after[w], "modelgrid_worker_loaded_stages") == 1
         assert value(after[w], "modelgrid_worker_active_sessions") == 0
         assert ("modelgrid_worker_kv_cache_bytes", ()) in after[w]

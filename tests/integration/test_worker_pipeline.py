@@ -594,3 +594,95 @@ async def test_a_pass_failing_with_a_bug_fails_its_steps_and_the_batch_goes_on(
     monkeypatch.undo()
     b = await stub.Forward(fwd("c", 2, 4, 0, hidden=a.hidden))  # the stage still serves
     assert b.token.token_id == reference_tokens[0]
+
+
+# ---- ForwardStream: the gateway's long-lived step stream ------------------------------------------------------
+
+
+async def test_forward_stream_numbers_steps_across_messages_and_matches_transformers(
+    workers: Workers, reference_tokens: list[int]
+) -> None:
+    stub, _ = await workers.start("stream")
+    await stub.LoadStage(load_req(0, 4))
+    call = stub.ForwardStream()
+    await call.write(worker_pb2.ForwardBatchRequest(steps=[fwd("a", 0, 4, 0, tokens=PROMPT)]))
+    await call.write(worker_pb2.ForwardBatchRequest(steps=[
+        fwd("b", 0, 4, 0, tokens=PROMPT), fwd("lost", 0, 4, 3, tokens=[5])]))
+
+    async def answers(count: int) -> dict[int, worker_pb2.ForwardResult]:
+        got: dict[int, worker_pb2.ForwardResult] = {}
+        while len(got) < count:
+            reply = await asyncio.wait_for(call.read(), 60)
+            got.update((r.index, r) for r in reply.results)
+        return got
+
+    # the steps are numbered across messages: 0 (first message), 1 and 2 (second)
+    first = await answers(3)
+    assert sorted(first) == [0, 1, 2]
+    assert [first[i].response.token.token_id for i in (0, 1)] == [reference_tokens[0]] * 2
+    assert first[2].code == "FAILED_PRECONDITION" and "position 3" in first[2].message
+    await call.write(worker_pb2.ForwardBatchRequest(steps=[
+        fwd(s, 0, 4, len(PROMPT), tokens=[reference_tokens[0]], step=1) for s in ("a", "b")]))
+    second = await answers(2)
+    assert sorted(second) == [3, 4]
+    assert [second[i].response.token.token_id for i in (3, 4)] == [reference_tokens[1]] * 2
+    await call.done_writing()
+    assert await asyncio.wait_for(call.read(), 30) == grpc.aio.EOF  # everything sent was answered: it ends
+    assert (await call.code()) == grpc.StatusCode.OK
+
+
+async def test_gateway_steps_go_over_one_stream_and_one_it_loses_fails_retryably(
+    workers: Workers, reference_tokens: list[int]
+) -> None:
+    from modelgrid.errors import Unavailable
+    from services.gateway.domain import Hop, Route, Sampling
+    from services.gateway.upstream import Channels
+    from services.gateway.upstream import Workers as GatewayWorkers
+
+    stub, app = await workers.start("gateway-stream")
+    await stub.LoadStage(load_req(0, 4))
+    port = workers.started[-1][0].port
+    hop = Hop(0, 4, "gateway-stream", f"127.0.0.1:{port}")
+    route = Route(MODEL, "v1", 1, (hop,))
+    channels = Channels()
+    gateway = GatewayWorkers(channels)
+
+    def calls(method: str) -> float:
+        return REQUESTS.labels("worker", method, "OK")._value.get()
+
+    async def step(ids: list[int], position: int, index: int) -> int:
+        out = await gateway.forward_decoder(
+            route, hop, "s", tokens=ids, hidden=None, position=position, reset=False,
+            sampling=Sampling(0.0, 0, 1.0, 0), step=index, max_session_tokens=32, timeout=60.0)
+        return out.token[0]
+
+    try:
+        forwards, streams = calls("Forward"), calls("ForwardStream")
+        tokens = [await step(PROMPT, 0, 0)]
+        for i in range(1, 4):
+            tokens.append(await step([tokens[-1]], len(PROMPT) + i - 1, i))
+        assert tokens == reference_tokens[:4]
+        assert calls("Forward") == forwards  # no unary call per step: all went over the stream
+
+        # the worker ends its streams (it drained) while a step waits in its queue: that step fails as
+        # UNAVAILABLE, which the gateway's session replays elsewhere; the worker never runs it
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(app.runtime.run(gate.wait))
+        try:
+            lost = asyncio.ensure_future(step([tokens[-1]], len(PROMPT) + 3, 4))
+            deadline = asyncio.get_running_loop().time() + 30
+            while app.runtime.queued_steps() == 0:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            app.end_streams()
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(lost, 30)
+        finally:
+            gate.set()
+            await blocker
+        assert calls("ForwardStream") == streams + 1  # the first stream ended normally (OK) when it was ended
+        # the next step opens a new stream; the session is where it was (the lost step never ran)
+        assert await step([tokens[-1]], len(PROMPT) + 3, 4) == reference_tokens[4]
+    finally:
+        await gateway.close()
+        await channels.close()
