@@ -34,7 +34,7 @@ from services.gateway import convert
 from services.gateway.auth import Principal
 from services.gateway.coalesce import NO_BATCH_RETRY_S, StepCoalescer
 from services.gateway.domain import Hop, Route, Sampling, VersionInfo
-from services.gateway.step_stream import StepStream
+from services.gateway.step_stream import StepStream, single_token
 
 log = logging.getLogger(__name__)
 
@@ -333,9 +333,9 @@ class Workers:
     async def _call_forward_batch(
         self, hop: Hop, requests: Sequence[worker_pb2.ForwardRequest], timeout: float
     ) -> AsyncIterator[Any]:
-        """The worker's results, one message per pass, as they come: over its step stream, else (a worker
-        older than ForwardStream) as a ForwardBatch call."""
-        stream = self._stream(hop)
+        """The worker's results, one message per pass, as they come: decode steps over its step stream, others
+        (and all, to a worker older than ForwardStream) as a ForwardBatch call."""
+        stream = self._stream(hop) if all(single_token(r) for r in requests) else None
         if stream is not None:
             answered = False
             try:

@@ -24,6 +24,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.runtime = runtime
         self.on_change = on_change  # stages changed: tell the scheduler at once (a heartbeat)
         self._streams: set[asyncio.Queue] = set()  # the reply queues of the open ForwardStream calls
+        self._ending = False  # end_streams was called: the worker is stopping
 
     @rpc
     async def LoadStage(
@@ -91,9 +92,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await asyncio.gather(*batches)  # the gateway sends no more: end once all it sent is answered
             except grpc.aio.AioRpcError as err:  # the gateway's side broke: the call is over anyway
                 log.info("ForwardStream from the gateway ended: %s %s", err.code().name, err.details())
+            except Exception:  # noqa: BLE001 - a bug: end the call (the gateway fails over) rather than hang
+                log.exception("reading ForwardStream failed")
             finally:
                 replies.put_nowait(None)
 
+        if self._ending:  # drained: a new stream ends at once (the gateway sends its steps elsewhere)
+            return
+        await context.send_initial_metadata(())  # "accepted": the gateway writes nothing before (step_stream.py)
         reader = asyncio.ensure_future(read())
         self._streams.add(replies)
         try:
@@ -106,7 +112,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def end_streams(self) -> None:
         """End every ForwardStream call (the worker has drained and is stopping): steps still unanswered on
-        them fail at the gateway, which replays them elsewhere."""
+        them fail at the gateway, which replays them elsewhere. Streams opened after this end at once."""
+        self._ending = True
         for replies in self._streams:
             replies.put_nowait(None)
 

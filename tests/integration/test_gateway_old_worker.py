@@ -12,7 +12,7 @@ from typing import AsyncIterator
 import grpc
 import pytest
 
-from modelgrid.errors import DeadlineExceeded
+from modelgrid.errors import DeadlineExceeded, Unavailable
 from modelgrid.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.domain import Hop, Route, Sampling
 from services.gateway.upstream import Channels, Workers
@@ -50,6 +50,7 @@ class SilentWorker(worker_pb2_grpc.WorkerServicer):
     """Reads its step stream and never answers."""
 
     async def ForwardStream(self, requests, context: grpc.aio.ServicerContext):  # noqa: N802
+        await context.send_initial_metadata(())  # accepts the call, as a worker does
         async for _ in requests:
             pass
         await asyncio.Event().wait()
@@ -107,3 +108,20 @@ async def test_a_batch_the_worker_never_answers_gives_up_at_its_deadline() -> No
         with pytest.raises(DeadlineExceeded):
             await step(workers, hop, 0, 0, timeout=0.5)
         assert asyncio.get_running_loop().time() - started < 10
+        # the batch stopped waiting too: nothing is left behind on the stream or in the coalescer
+        stream = workers._streams[hop.address][1]
+        while workers._coalescer._calls:
+            assert asyncio.get_running_loop().time() - started < 10
+            await asyncio.sleep(0.01)
+        assert stream._waiting == {} and stream.ended is None  # the stream itself is still good
+
+
+async def test_a_step_waiting_on_a_stream_whose_channel_is_closed_fails_over_at_once() -> None:
+    async with gateway_to(SilentWorker()) as (workers, hop):
+        waiting = asyncio.ensure_future(step(workers, hop, 0, 0, timeout=60.0))
+        await asyncio.sleep(0.2)
+        started = asyncio.get_running_loop().time()
+        workers._channels.renew(hop.address, min_age_s=0)  # as after a failed connect: the call is cancelled
+        with pytest.raises(Unavailable):
+            await waiting
+        assert asyncio.get_running_loop().time() - started < 10  # not the step's 60 s deadline

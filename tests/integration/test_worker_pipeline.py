@@ -631,7 +631,7 @@ async def test_forward_stream_numbers_steps_across_messages_and_matches_transfor
     assert (await call.code()) == grpc.StatusCode.OK
 
 
-async def test_gateway_steps_go_over_one_stream_and_one_it_loses_fails_retryably(
+async def test_gateway_decode_steps_go_over_one_stream_and_those_a_stopping_worker_drops_fail_retryably(
     workers: Workers, reference_tokens: list[int]
 ) -> None:
     from modelgrid.errors import Unavailable
@@ -657,12 +657,13 @@ async def test_gateway_steps_go_over_one_stream_and_one_it_loses_fails_retryably
         return out.token[0]
 
     try:
-        forwards, streams = calls("Forward"), calls("ForwardStream")
+        forwards, batches, streams = calls("Forward"), calls("ForwardBatch"), calls("ForwardStream")
         tokens = [await step(PROMPT, 0, 0)]
         for i in range(1, 4):
             tokens.append(await step([tokens[-1]], len(PROMPT) + i - 1, i))
         assert tokens == reference_tokens[:4]
-        assert calls("Forward") == forwards  # no unary call per step: all went over the stream
+        # the prompt went as a ForwardBatch call of its own; the decode steps as messages on the stream
+        assert (calls("Forward"), calls("ForwardBatch")) == (forwards, batches + 1)
 
         # the worker ends its streams (it drained) while a step waits in its queue: that step fails as
         # UNAVAILABLE, which the gateway's session replays elsewhere; the worker never runs it
@@ -680,9 +681,13 @@ async def test_gateway_steps_go_over_one_stream_and_one_it_loses_fails_retryably
         finally:
             gate.set()
             await blocker
-        assert calls("ForwardStream") == streams + 1  # the first stream ended normally (OK) when it was ended
-        # the next step opens a new stream; the session is where it was (the lost step never ran)
-        assert await step([tokens[-1]], len(PROMPT) + 3, 4) == reference_tokens[4]
+        assert calls("ForwardStream") == streams + 1  # the stream ended normally (OK) when it was ended
+        # the worker is stopping: a stream opened now ends at once, so the step goes elsewhere too
+        with pytest.raises(Unavailable):
+            await step([tokens[-1]], len(PROMPT) + 3, 4)
+        # the session is where it was (the lost step never ran): a plain Forward of that step goes on from it
+        again = await stub.Forward(fwd("s", 0, 4, len(PROMPT) + 3, tokens=[tokens[-1]], step=4))
+        assert again.token.token_id == reference_tokens[4]
     finally:
         await gateway.close()
         await channels.close()
