@@ -210,7 +210,7 @@ class HopProbe:
     status_rtt: list[float] = field(default_factory=list)  # GetStatus round trip: gRPC alone, no torch
 
 
-class StepStream:
+class DirectStream:
     """A worker's ForwardStream from a blocking client: one step out, its result back."""
 
     def __init__(self, stub) -> None:  # noqa: ANN001 - worker_pb2_grpc.WorkerStub
@@ -246,7 +246,7 @@ def probe_hops(platform: Platform, directory: Path, name: str, prompt: list[int]
         route = scheduler_pb2_grpc.SchedulerStub(channel).GetRoute(scheduler_pb2.GetRouteRequest(model=name), timeout=30)
     channels = [sync_channel(h.address) for h in route.hops]
     stubs = [worker_pb2_grpc.WorkerStub(c) for c in channels]
-    streams = [StepStream(stub) for stub in stubs]  # what the gateway sends its steps over
+    streams = [DirectStream(stub) for stub in stubs]  # what the gateway sends its steps over
     probes = [HopProbe((h.start_layer, h.end_layer)) for h in route.hops]
     session, ids, position = uuid.uuid4().hex, list(prompt), 0
     try:

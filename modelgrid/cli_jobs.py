@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from modelgrid.jobs import ENDED, JobInfo, write_results
+from modelgrid.jobs import JobInfo, write_results
 
 MakeClient = Callable[[argparse.Namespace], Any]
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -90,9 +90,7 @@ def _submit(args: argparse.Namespace, make_client: MakeClient) -> int:
             return 0
         job = _follow(client, job)
         if job.state == "succeeded" and args.output:
-            with open(args.output, "w", encoding="utf-8") as out:
-                n = write_results(client.job_results(job.job_id), out)
-            print(f"wrote {n} results to {args.output}", file=sys.stderr)
+            _write_file(client, job.job_id, args.output)
     print(json.dumps(job_json(job)) if args.json else _summary(job))
     return 0 if job.state == "succeeded" else 1
 
@@ -127,7 +125,7 @@ def _watch(client: Any, job: JobInfo) -> Iterator[JobInfo]:
         except Unavailable as err:
             print(f"lost the progress stream ({err.message}); retrying", file=sys.stderr)
             time.sleep(1.0)
-        if job.state in ENDED:
+        if job.ended:
             return
 
 
@@ -158,12 +156,16 @@ def _cancel(args: argparse.Namespace, make_client: MakeClient) -> int:
     return 0
 
 
+def _write_file(client: Any, job_id: str, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        n = write_results(client.job_results(job_id), out)
+    print(f"wrote {n} results to {path}", file=sys.stderr)
+
+
 def _results(args: argparse.Namespace, make_client: MakeClient) -> int:
     with make_client(args) as client:
         if args.output:
-            with open(args.output, "w", encoding="utf-8") as out:
-                n = write_results(client.job_results(args.job_id), out)
-            print(f"wrote {n} results to {args.output}", file=sys.stderr)
+            _write_file(client, args.job_id, args.output)
         else:
             write_results(client.job_results(args.job_id), sys.stdout)
     return 0

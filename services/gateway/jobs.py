@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any, AsyncIterator, Sequence
 
 from modelgrid.errors import FailedPrecondition, InvalidArgument, ModelGridError, NotFound
+from modelgrid.jobs import ENDED
 from modelgrid.v1 import jobs_pb2
 from services.gateway import convert
 from services.gateway.auth import Principal
@@ -24,7 +25,6 @@ from services.gateway.validation import Limits, parse_generate
 
 log = logging.getLogger(__name__)
 
-ENDED = ("succeeded", "failed", "cancelled")
 KIND_NEEDS = {"embed": "encoder", "generate": "decoder"}
 WITH_ARTICLE = {"encoder": "an encoder", "decoder": "a decoder", "embed": "an embed", "generate": "a generate"}
 MAX_TASK_ITEMS = 100_000

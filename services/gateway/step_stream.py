@@ -106,13 +106,8 @@ class StepStream:
             done, _ = await asyncio.wait([self._accepting], timeout=timeout)
             if not done:
                 raise DeadlineExceeded(f"{self._label} did not accept the step stream before the request's deadline")
-        if self.ended is None and self._call.done():
-            code = await self._call.code()
-            if code == grpc.StatusCode.OK:
-                self._end(Unavailable(f"{self._label} ended the step stream"))
-            else:
-                details = await self._call.details()
-                self._end(self._error(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)))
+        if self.ended is None and self._call.done():  # ended without accepting: the reader gets its status
+            await asyncio.wait([self._reader])
         if self.ended is not None:
             raise self.ended
 

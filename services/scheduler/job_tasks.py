@@ -196,7 +196,7 @@ class LeasedTask:
 
     @property
     def member(self) -> str:
-        return f"{self.job_id}|{self.task}"
+        return member(self.job_id, self.task)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import time
 from modelgrid.errors import FailedPrecondition, InvalidArgument, ModelGridError, NotFound
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
-from services.scheduler.job_clients import JobStoreClient
+from services.scheduler.job_clients import ACTIVE_STATES, JobStoreClient
 from services.scheduler.job_split import choose_task_route, split, worker_load
 from services.scheduler.job_tasks import JobTasks, Lease, StoredJob
 from services.scheduler.records import PlacementRecord, Route
@@ -92,7 +92,7 @@ class JobQueue:
         return await self._enqueue(await self.store.get(job_id))
 
     async def _enqueue(self, job: StoredJob) -> int:
-        if job.state not in ("queued", "running"):
+        if job.state not in ACTIVE_STATES:
             raise FailedPrecondition(f"job {job.meta.job_id} is {job.state}: nothing to run")
         task_items = int(job.meta.params.get("task_items") or self._config.job_task_items)
         spans = split(await self.store.pending(job.meta.job_id), task_items)
@@ -126,23 +126,31 @@ class JobQueue:
             return None
         load = worker_load(routes)
         cap = self._config.job_tasks_per_worker
+        # (model, version) -> (placement, its serving workers, epoch) or None: read once per pass, however
+        # many of the active jobs run on the same version
+        placed: dict[tuple[str, str], tuple[PlacementRecord, set[str], int] | None] = {}
         for job_id in job_ids:
             status = await self.tasks.status(job_id)
             if status is None or status.state != "running":
                 continue
             meta = status.meta
-            placement = await self._state.get_placement(meta.model, meta.version)
-            if placement is None:
+            key = (meta.model, meta.version)
+            if key not in placed:
+                placement = await self._state.get_placement(*key)
+                placed[key] = None if placement is None else (placement, *await self._live(placement))
+            if placed[key] is None:
                 continue
-            live, epoch = await self._live(placement)
+            placement, live, epoch = placed[key]
             label = f"model '{meta.model}' {meta.version}"
-            if choose_task_route(placement.stages, live, load, cap, label=label) is None:
+            hops = choose_task_route(placement.stages, live, load, cap, label=label)
+            if hops is None:
                 continue  # every replica busy: do not take a task out of the queue
             lease_id = secrets.token_hex(8)
             task = await self.tasks.pop(job_id, lease_id, now_ms() + int(self._config.job_lease_s * 1000))
             if task is None:
                 continue
-            hops = choose_task_route(placement.stages, live, load, cap, task.avoid, label)
+            if task.avoid:  # a retried task keeps away from the workers it failed on
+                hops = choose_task_route(placement.stages, live, load, cap, task.avoid, label)
             if hops is None or not await self.tasks.set_route(task, [h.worker_id for h in hops]):
                 await self.tasks.set_route(task, [])
                 continue
@@ -256,6 +264,6 @@ class JobQueue:
             job = await self.store.get(job_id)
         except NotFound:
             job = None
-        if job is None or job.state not in ("queued", "running"):
+        if job is None or job.state not in ACTIVE_STATES:
             await self.tasks.drop(job_id)
             log.info("job %s %s: its tasks were dropped", job_id, job.state if job else "is gone from the registry")

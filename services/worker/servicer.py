@@ -128,15 +128,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         async with contextlib.aclosing(steps):
             async for ended in steps:
                 for index, result in ended:
-                    step = request.steps[index]
-                    with request_id(step.request_id):
-                        # an INTERNAL one was logged with its traceback where it happened
-                        if isinstance(result, ModelGridError) and result.code != "INTERNAL":
-                            log.info("%s step of session %s -> %s: %s", call, step.session_id, result.code,
-                                     result.message)
-                        elif debug and not isinstance(result, ModelGridError):
-                            log.debug("%s step of session %s at position %d -> OK", call, step.session_id,
-                                      step.position)
+                    failed = isinstance(result, ModelGridError)
+                    # an INTERNAL one was logged with its traceback where it happened
+                    if (failed and result.code != "INTERNAL") or (debug and not failed):
+                        step = request.steps[index]
+                        with request_id(step.request_id):
+                            if failed:
+                                log.info("%s step of session %s -> %s: %s", call, step.session_id, result.code,
+                                         result.message)
+                            else:
+                                log.debug("%s step of session %s at position %d -> OK", call, step.session_id,
+                                          step.position)
                 for reply in convert.forward_batch_responses(ended, base=base):
                     yield reply
 
