@@ -11,6 +11,7 @@ from modelgrid.model.checkpoint import Checkpoint, meta_stage
 from modelgrid.model.decoder import DecoderStage
 from modelgrid.model.encoder import EncoderStage
 from modelgrid.model.errors import ModelFormatError
+from modelgrid.model.layers import column_major_linears
 from modelgrid.model.spec import load_spec
 
 __all__ = ["DecoderStage", "EncoderStage", "load_stage"]
@@ -27,7 +28,8 @@ def load_stage(
 
     The modules are built on the meta device and each needed tensor is read from its file and
     assigned in place, so memory holds this stage's weights only. The directory may hold just
-    those tensors (plus config.json). dtype None means float32 on CPU, bfloat16 elsewhere.
+    those tensors (plus config.json). dtype None means float32 on CPU, bfloat16 elsewhere. Float32
+    projections on CPU are stored column-major, which decodes faster (layers.column_major_linears).
     """
     spec = load_spec(directory)
     device = torch.device(device)
@@ -53,6 +55,7 @@ def load_stage(
         for key in local_keys[name]:  # two keys when a stage both embeds and has a tied LM head
             module, attr = key.rsplit(".", 1)
             setattr(stage.get_submodule(module), attr, param)
+    column_major_linears(stage)
     stage.init_buffers(device)
     return stage.eval()
 

@@ -192,3 +192,27 @@ def test_replaying_a_session_rebuilds_the_same_cache(make_checkpoint):
         torch.testing.assert_close(a.k[:, :, : a.length], b.k[:, :, : b.length], atol=1e-5, rtol=0)
         torch.testing.assert_close(a.v[:, :, : a.length], b.v[:, :, : b.length], atol=1e-5, rtol=0)
     torch.testing.assert_close(x[-1:], last, atol=1e-5, rtol=0)
+
+
+def _linear_weights(stage: DecoderStage) -> dict[str, torch.Tensor]:
+    return {name: m.weight for name, m in stage.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_float32_projections_on_cpu_are_column_major_and_a_tied_head_keeps_rows(make_checkpoint, arch):
+    """The layout load_stage picks for speed (layers.column_major_linears); the parity tests above check that
+    the numbers still match transformers with it."""
+    directory = make_checkpoint(**INIT, **MODELS[arch])
+    whole, last = load_stage(directory, 0, 4), load_stage(directory, 2, 4)
+    for stage in (whole, last):
+        weights = _linear_weights(stage)
+        assert len(weights) == 7 * (stage.end - stage.start) + 1  # q, k, v, o, gate, up, down per layer; lm_head
+        tied_here = arch == "qwen2" and stage.is_first  # lm_head is embed_tokens' matrix: a lookup wants rows
+        for name, w in weights.items():
+            if name == "lm_head" and tied_here:
+                assert w is stage.embed_tokens.weight and w.is_contiguous()
+            else:
+                assert w.t().is_contiguous() and not w.is_contiguous(), name
+    # other dtypes keep the checkpoint's row-major layout (float16's kernels are slower column-major)
+    bf16 = load_stage(directory, 0, 4, dtype="bfloat16")
+    assert all(w.is_contiguous() for w in _linear_weights(bf16).values())
