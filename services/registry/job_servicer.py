@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import AsyncIterator
 
 import grpc
 
 from modelgrid.errors import InvalidArgument
 from modelgrid.v1 import jobs_pb2, jobs_pb2_grpc
+from services.common.clock import now_ms
 from services.common.rpc import rpc
 from services.registry import convert
 from services.registry.job_db import JobDB
 from services.registry.job_records import KINDS
 
 RESULTS_PAGE = 512  # items read from the database per query while streaming results
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class JobStoreServicer(jobs_pb2_grpc.JobStoreServicer):

@@ -33,6 +33,7 @@ from typing import Awaitable, Callable, Iterable
 from prometheus_client import Gauge
 
 from modelgrid.errors import ModelGridError
+from services.common.clock import now_ms
 from services.scheduler.clients import RegistryClient, WorkerClients
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.holdings import Job, adoptable, draining_copies, held_plans, previous_with_holders
@@ -49,7 +50,7 @@ from services.scheduler.records import (
     WorkerRecord,
 )
 from services.scheduler.resync import Resync
-from services.scheduler.state import SchedulerState, now_ms
+from services.scheduler.state import SchedulerState
 
 log = logging.getLogger(__name__)
 

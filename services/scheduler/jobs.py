@@ -23,13 +23,13 @@ import secrets
 import time
 
 from modelgrid.errors import FailedPrecondition, InvalidArgument, ModelGridError, NotFound
+from services.common.clock import now_ms
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
 from services.scheduler.job_clients import ACTIVE_STATES, JobStoreClient
 from services.scheduler.job_split import choose_task_route, split, worker_load
 from services.scheduler.job_tasks import JobTasks, Lease, StoredJob
 from services.scheduler.records import PlacementRecord, Route
-from services.scheduler.state import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from modelgrid.errors import InvalidArgument, NotFound
+from services.common.clock import now_ms
 from services.scheduler.controller import Controller
 from services.scheduler.metrics import HEARTBEAT_AGES
 from services.scheduler.records import WorkerRecord
-from services.scheduler.state import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Iterable, Iterator
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from services.common.clock import now_ms
 from services.scheduler.records import WorkerRecord
-from services.scheduler.state import now_ms
 
 
 class HeartbeatAges:

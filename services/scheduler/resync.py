@@ -19,13 +19,11 @@ import logging
 import time
 from typing import Callable, Collection, Mapping
 
+from services.common.clock import now_ms
+
 log = logging.getLogger(__name__)
 
 Live = Mapping[str, int]  # registered workers: id -> unix ms of their last registration or heartbeat
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Resync:
@@ -37,7 +35,7 @@ class Resync:
     """
 
     def __init__(
-        self, window_s: float, clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = _now_ms
+        self, window_s: float, clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = now_ms
     ) -> None:
         self.window_s = window_s
         self._clock = clock

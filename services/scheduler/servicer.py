@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 
 from modelgrid.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common.clock import now_ms
 from services.common.rpc import rpc
 from services.scheduler.controller import Controller
 from services.scheduler.convert import placement_to_proto, route_to_proto, worker_from_proto, worker_to_proto
 from services.scheduler.membership import Membership
 from services.scheduler.queries import Queries
-from services.scheduler.state import now_ms
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):

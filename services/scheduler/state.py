@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import time
 from typing import AsyncIterator, Iterable
 
 import redis.asyncio as aioredis
@@ -84,10 +83,6 @@ if not cur or tonumber(string.match(cur, '^{"epoch":(%d+)')) ~= tonumber(ARGV[2]
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 _REFUSED_FOR_NOW = re.compile(r"\b(READONLY|OOM|LOADING|MASTERDOWN|TRYAGAIN)\b")
