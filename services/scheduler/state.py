@@ -161,15 +161,12 @@ class SchedulerState:
         return WorkerRecord.from_json(raw) if raw else None
 
     async def get_workers(self, worker_ids: Iterable[str]) -> dict[str, WorkerRecord]:
-        ids = sorted(set(worker_ids))
-        if not ids:
-            return {}
-        async with redis_errors():
-            raws = await self._redis.mget([self._worker_key(i) for i in ids])
-        return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}
+        """The live records of these workers, by id (an expired one is left out)."""
+        workers, _ = await self.workers_and_epoch(worker_ids)
+        return workers
 
     async def workers_and_epoch(self, worker_ids: Iterable[str]) -> tuple[dict[str, WorkerRecord], int]:
-        """get_workers and the stored epoch in one round trip (what a route needs)."""
+        """get_workers and the stored epoch, in one round trip (what a route needs)."""
         ids = sorted(set(worker_ids))
         async with redis_errors():
             async with self._redis.pipeline(transaction=False) as pipe:
