@@ -9,13 +9,19 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Chunk size for streamed tensors and files: well under MAX_MESSAGE_BYTES.
 CHUNK_BYTES = 4 * 1024 * 1024
 
-KEEPALIVE_MS = 20_000  # channels ping an idle connection this often, to find a dead peer
+# Channels ping their connection this often, and drop it when a ping goes unanswered this long: the only way
+# to find a peer that hangs without closing anything (a stopped process, a paused VM), whose calls would
+# otherwise wait for their deadlines. A ping is a few bytes; servers allow them (SERVER_OPTIONS).
+KEEPALIVE_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
 
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # since grpc/grpc#34647 the wait for a ping's answer is this one (default 60 s), not keepalive_timeout_ms
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

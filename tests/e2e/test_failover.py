@@ -18,6 +18,7 @@ it found it (fully replicated). Run with -s to see the measured numbers:
 from __future__ import annotations
 
 import random
+import signal
 import statistics
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Iterator
 import grpc
 import pytest
 
+from modelgrid.channel import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
 from modelgrid.v1 import scheduler_pb2, worker_pb2
 from tests.e2e.cluster import Cluster, Generation, holders, write_model
 
@@ -137,6 +139,40 @@ def test_kill_9_a_stage_worker_mid_generation_fails_over_to_a_replica(cluster: C
           f"failover added {(max(gaps_after) - typical) * 1000:.1f} ms; whole request "
           f"{disturbed.total_s:.2f} s vs {undisturbed.total_s:.2f} s undisturbed")
     restore(cluster, str(killed["victim"]))
+
+
+def test_a_frozen_stage_worker_is_found_by_keepalive_and_failed_over(cluster: Cluster, reference: list[int]) -> None:
+    """SIGSTOP a stage worker mid-generation: a worker that hangs without dying (a stuck device call, a paused
+    VM) breaks no connection and answers nothing, so only the channel's keepalive pings find it. The stream
+    fails over to the replica once a ping goes unanswered, with the undisturbed tokens."""
+    before = failovers(cluster)
+    frozen: dict[str, object] = {}
+
+    def on_token(n: int, gen: Generation) -> None:
+        if n == 20:
+            busy = cluster.busy_workers()
+            assert len(busy) == 2, busy
+            victim = busy[n % 2]
+            cluster.workers[victim].proc.send_signal(signal.SIGSTOP)
+            frozen.update(victim=victim, index=n)
+
+    try:
+        disturbed = cluster.generate(MODEL, PROMPT, LONG, on_token=on_token)
+    finally:
+        if frozen:
+            cluster.workers[str(frozen["victim"])].kill()  # SIGKILL ends a stopped process too
+    assert disturbed.error is None, disturbed.error
+    assert frozen, "the generation ended before the freeze"
+    assert disturbed.tokens == reference
+    assert failovers(cluster) > before
+    stall = max(disturbed.gaps()[int(frozen["index"]):])
+    found_within = (KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+    print(f"\n[SIGSTOP] froze {frozen['victim']} after token {frozen['index']}: worst token gap after it "
+          f"{stall:.2f} s (keepalive finds a silent peer within {found_within:.0f} s)")
+    # a coarse bound on the mechanism, not a speed target: keepalive plus a failover, far below the request's
+    # 120 s deadline (before keepalive was 5 s + 5 s, with gRPC's default 60 s ping timeout, this stalled 61 s)
+    assert stall < found_within + 5.0
+    restore(cluster, str(frozen["victim"]))
 
 
 def test_sigterm_a_worker_under_load_fails_no_request(cluster: Cluster, reference: list[int]) -> None:
