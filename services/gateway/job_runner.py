@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 TASKS = Counter("modelgrid_gateway_job_tasks_total", "Batch-job tasks this gateway ran", ["kind", "outcome"])
 ITEMS = Counter("modelgrid_gateway_job_items_total", "Batch-job items this gateway finished", ["kind"])
-WORKER_TASKS = Counter("modelgrid_gateway_job_worker_tasks_total", "Batch-job tasks done through each worker",
+WORKER_TASKS = Counter("modelgrid_gateway_job_worker_tasks_total", "Batch-job tasks run through each worker",
                        ["worker"])
 
 SCOUT_WAIT_S = 5.0  # lane 0's long poll while idle
@@ -143,6 +143,10 @@ class JobRunner:
             return
         finally:
             keeper.cancel()
+        # counted as soon as the workers have done their part, before the results are written: once a job has
+        # all its results, every task's count is in (a count after FinishTask could lag the job's end)
+        for worker in set(lease.route.worker_ids):
+            WORKER_TASKS.labels(worker).inc()
         try:
             for begin in range(0, len(outputs), WRITE_CHUNK):
                 chunk = outputs[begin : begin + WRITE_CHUNK]
@@ -161,8 +165,6 @@ class JobRunner:
             log.warning("%s: done, but FinishTask failed (%s); it will run again", lease.label, err.message)
         TASKS.labels(lease.kind, "done").inc()
         ITEMS.labels(lease.kind).inc(len(outputs))
-        for worker in set(lease.route.worker_ids):
-            WORKER_TASKS.labels(worker).inc()
         log.debug("%s: %d items in %.3f s on %s", lease.label, len(outputs), time.monotonic() - started,
                   ",".join(lease.route.worker_ids))
 

@@ -8,6 +8,7 @@ without piling work on one of them.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from typing import Collection, Iterable, Mapping, Sequence
 
@@ -43,16 +44,20 @@ def choose_task_route(
     per_worker: int,
     avoid: Collection[str] = (),
     label: str = "the model",
+    rng: random.Random | None = None,
 ) -> list[RouteHop] | None:
     """A route through ready replicas on live workers below per_worker leased tasks, least loaded first.
 
-    Workers in `avoid` (they failed this task before) are used only when no route avoids them. None when
-    every replica of some stage is busy, gone or not ready: the task waits.
+    Ties go to a random replica when rng is given: tasks leased one after another, each finished before
+    the next (a slow machine, a single executor lane), all see every worker idle, and would otherwise all
+    go to the smallest worker id, leaving the other replicas unused. Workers in `avoid` (they failed this
+    task before) are used only when no route avoids them. None when every replica of some stage is busy,
+    gone or not ready: the task waits.
     """
     free = {w: load.get(w, 0) for w in live if load.get(w, 0) < per_worker}
     for exclude in ([*avoid], []) if avoid else ([],):
         try:
-            return choose_route(stages, free, exclude, label)
+            return choose_route(stages, free, exclude, label, rng)
         except Unavailable:
             continue
     return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 
@@ -64,6 +65,7 @@ class JobQueue:
         self._state = controller.state
         self._config = config
         self._wakeup = Wakeup()
+        self._rng = random.Random()  # ties between equally busy replicas (job_split.choose_task_route)
         # one lease at a time here: concurrent LeaseTask calls would all read the same load and put every task
         # on the least busy replica, past --job-tasks-per-worker
         self._leasing = asyncio.Lock()
@@ -142,7 +144,7 @@ class JobQueue:
                 continue
             placement, live, epoch = placed[key]
             label = f"model '{meta.model}' {meta.version}"
-            hops = choose_task_route(placement.stages, live, load, cap, label=label)
+            hops = choose_task_route(placement.stages, live, load, cap, label=label, rng=self._rng)
             if hops is None:
                 continue  # every replica busy: do not take a task out of the queue
             lease_id = secrets.token_hex(8)
@@ -150,7 +152,7 @@ class JobQueue:
             if task is None:
                 continue
             if task.avoid:  # a retried task keeps away from the workers it failed on
-                hops = choose_task_route(placement.stages, live, load, cap, task.avoid, label)
+                hops = choose_task_route(placement.stages, live, load, cap, task.avoid, label, self._rng)
             if hops is None or not await self.tasks.set_route(task, [h.worker_id for h in hops]):
                 await self.tasks.set_route(task, [])
                 continue

@@ -3,6 +3,9 @@ of the next task through the least loaded replica, with a per-worker cap and sof
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 
 from services.scheduler.job_split import choose_task_route, split, worker_load
@@ -37,6 +40,18 @@ def test_route_goes_through_the_least_loaded_replicas() -> None:
     assert _workers(choose_task_route(_stages(), live, load, 2)) == ["b", "d"]
     load = worker_load([["a", "c"], ["b", "d"], ["a", "d"]])
     assert _workers(choose_task_route(_stages(), live, load, 2)) == ["b", "c"]
+
+
+def test_tasks_leased_one_after_another_spread_over_the_replicas_with_a_rng() -> None:
+    """Each task finished before the next is leased: every worker looks idle every time. Without a rng all
+    go through a and c; with one, ties are random and every replica gets a share (20 leases, seeded: 12 / 8 and 16 / 4)."""
+    live = {"a", "b", "c", "d"}
+    assert {tuple(_workers(choose_task_route(_stages(), live, {}, 2))) for _ in range(20)} == {("a", "c")}
+    rng = random.Random(7)
+    ran = Counter(w for _ in range(20) for w in _workers(choose_task_route(_stages(), live, {}, 2, rng=rng)))
+    assert set(ran) == live and min(ran.values()) >= 2, ran
+    load = worker_load([["a", "c"]])  # the least loaded replica still wins over a tie-break
+    assert all(_workers(choose_task_route(_stages(), live, load, 2, rng=rng)) == ["b", "d"] for _ in range(10))
 
 
 def test_route_waits_when_every_replica_of_a_stage_is_at_the_cap_or_gone() -> None:
