@@ -29,6 +29,7 @@ Not a test: nothing is asserted about speed. Bounded: --max-seconds stops the re
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import queue
 import re
@@ -199,6 +200,32 @@ class Platform:
                 self.proc.wait()
 
 
+class PassTimes:
+    """Forward passes of a route's workers over some generations, from their Prometheus counters: the time a
+    worker's torch thread spent per pass, i.e. a stage's compute inside the platform."""
+
+    def __init__(self, platform: Platform, client, name: str) -> None:  # noqa: ANN001 - modelgrid.Client
+        logs = platform.data_dir / "logs"
+        workers = [stage.replicas[0].worker_id for stage in client.placement(name).stages]
+        # `modelgrid up` logs each child's command line, its --metrics-port included
+        self.ports = [int(re.findall(r"--metrics-port (\d+)", (logs / f"{w}.log").read_text())[-1]) for w in workers]
+        self.busy = [0.0] * len(workers)
+        self.passes = [0.0] * len(workers)
+
+    def around(self, run):  # noqa: ANN001, ANN201 - run() -> its result; counts the passes it caused
+        from bench_throughput import scrape
+
+        before = [scrape(p) for p in self.ports]
+        result = run()
+        for i, (a, b) in enumerate(zip(before, (scrape(p) for p in self.ports))):
+            self.busy[i] += b["modelgrid_worker_busy_seconds"] - a["modelgrid_worker_busy_seconds"]
+            self.passes[i] += b["modelgrid_worker_forward_passes"] - a["modelgrid_worker_forward_passes"]
+        return result
+
+    def per_pass(self) -> list[float]:
+        return [b / p if p else 0.0 for b, p in zip(self.busy, self.passes)]
+
+
 def wait_ready(client, name: str, timeout_s: float) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout_s
     while not client.placement(name).ready:
@@ -319,8 +346,8 @@ def probe_hops(platform: Platform, directory: Path, name: str, prompt: list[int]
 # ---- report ----------------------------------------------------------------------------------------------
 
 def report(
-    args: argparse.Namespace, hf: Runs, own: Runs, mg: dict[int, Runs], probes: list[HopProbe], threads: int,
-    worker_threads: str,
+    args: argparse.Namespace, hf: Runs, own: Runs, mg: dict[int, Runs], passes: PassTimes, probes: list[HopProbe],
+    threads: int, worker_threads: str,
 ) -> None:
     ms = 1000.0
     print()
@@ -360,6 +387,10 @@ def report(
         two = mg[2].tokens_per_s(args.new_tokens)
         print(f"2 workers vs modelgrid's own stage in-process (what the platform costs over its compute): "
               f"{two / own.tokens_per_s(args.new_tokens):.2f}x")
+        stages = passes.per_pass()
+        print(f"  per decode step: the workers' passes {' + '.join(f'{p * ms:.2f}' for p in stages)} ms (mean per "
+              f"pass, the prompt's included; the whole model in this process: {own.gap(0.5) * ms:.2f} ms), the rest "
+              f"{(mg[2].gap(0.5) - sum(stages)) * ms:.2f} ms: the hops, the gateway, the client's stream")
         print(f"2 workers vs transformers in-process: {two / hf.tokens_per_s(args.new_tokens):.2f}x (target >= 0.9x)")
 
 
@@ -404,6 +435,7 @@ def main() -> int:
                         print(f"WARNING: {k} worker(s) generated {len(tokens)} tokens differing from transformers' "
                               f"{len(reference)}: {tokens[:8]}... vs {reference[:8]}...")
                 hf, own, mg = Runs("transformers"), Runs("own"), {k: Runs(f"{k} workers") for k in STAGE_COUNTS}
+                passes = PassTimes(platform, client, "bench-s2")
                 for rep in range(args.reps):
                     if rep and time.monotonic() - started > args.max_seconds:
                         print(f"stopping after {rep} repetitions (--max-seconds {args.max_seconds:.0f})")
@@ -411,13 +443,14 @@ def main() -> int:
                     hf_generate(model, prompt, args.new_tokens, hf)
                     own_generate(whole, prompt, args.new_tokens, own)
                     for k in STAGE_COUNTS:
-                        tokens = mg_generate(client, f"bench-s{k}", prompt, args.new_tokens, mg[k])
+                        run = functools.partial(mg_generate, client, f"bench-s{k}", prompt, args.new_tokens, mg[k])
+                        tokens = passes.around(run) if k == 2 else run()
                         assert len(tokens) == args.new_tokens, f"{k} workers stopped after {len(tokens)} tokens"
                 probes = probe_hops(platform, directory, "bench-s2", prompt, args.new_tokens) if platform.scheduler else []
                 worker_threads = platform.worker_threads()
         finally:
             platform.stop()
-    report(args, hf, own, mg, probes, torch.get_num_threads(), worker_threads)
+    report(args, hf, own, mg, passes, probes, torch.get_num_threads(), worker_threads)
     return 0
 
 
