@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import grpc
 
 from modelgrid import admin, convert, jobs, types
-from modelgrid.channel import aio_channel
+from modelgrid.channel import CLIENT_OPTIONS, aio_channel
 from modelgrid.client import resolve_address
 from modelgrid.upload import ProgressFn, aiter_upload_chunks, plan_upload
 from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
@@ -37,7 +37,7 @@ class AsyncClient:
     @property
     def _stub(self) -> gateway_pb2_grpc.GatewayStub:
         if self._stub_instance is None:
-            self._channel = aio_channel(self.address)
+            self._channel = aio_channel(self.address, CLIENT_OPTIONS)
             self._stub_instance = gateway_pb2_grpc.GatewayStub(self._channel)
         return self._stub_instance
 

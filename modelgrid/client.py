@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from modelgrid import admin, convert, jobs, types
-from modelgrid.channel import sync_channel
+from modelgrid.channel import CLIENT_OPTIONS, sync_channel
 from modelgrid.upload import ProgressFn, iter_upload_chunks, plan_upload
 from modelgrid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 
@@ -41,7 +41,7 @@ class Client:
         self.address = resolve_address(address)
         self.timeout = timeout
         self._metadata = admin.auth_metadata(admin.resolve_api_key(api_key))
-        self._channel = sync_channel(self.address)
+        self._channel = sync_channel(self.address, CLIENT_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +91,12 @@ class Checkpoint:
         return next(self.load_many([name], device, dtype))[1]
 
     def load_many(
-        self, names: Iterable[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        self, names: Iterable[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+        column_major: Collection[str] = (),
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) one at a time, opening each file once; nothing else is read."""
+        """Yield (name, tensor) one at a time, opening each file once; nothing else is read. The 2-D tensors
+        named in column_major come stored column-major (same shape, transpose contiguous), converted and
+        transposed in one copy: a second copy, freed under the next one's allocation, would stay resident."""
         names = list(names)
         self.require(names, "this load")
         by_file: dict[Path, list[str]] = {}
@@ -105,7 +108,12 @@ class Checkpoint:
                     # get_tensor returns a view of the file's mmap: copy, so that weights live in our
                     # memory (a file truncated under a mapping kills the process with SIGBUS) and the
                     # mapping goes away once the file is done
-                    yield name, f.get_tensor(name).to(device=device, dtype=dtype or self.dtype(name), copy=True)
+                    view, target = f.get_tensor(name), dtype or self.dtype(name)
+                    if name in column_major and view.dim() == 2:
+                        out = torch.empty(view.shape[::-1], dtype=target, device=device)
+                        yield name, out.copy_(view.t()).t()
+                    else:
+                        yield name, view.to(device=device, dtype=target, copy=True)
 
     def _info(self, name: str) -> TensorInfo:
         if name not in self._tensors:

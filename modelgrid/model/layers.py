@@ -36,31 +36,14 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def column_major_linears(module: nn.Module) -> int:
-    """Store the weight of every nn.Linear in `module` column-major (the same (out, in) tensor, its transpose
-    contiguous); returns how many were re-laid. Float32 on CPU only, where it pays: torch's float32 kernel
-    for x @ W.T streams a column-major W about twice as fast when W does not fit in cache (batch-1 decode:
-    an LM head of 32000 x 512 takes 3.5 ms instead of 7.7 ms on one core), and is no slower for larger
-    batches; for float16 it is several times slower, for bfloat16 even. A weight that another module shares
-    (an LM head tied to the embeddings in the same stage) stays as it is: the lookup wants rows.
-
-    The outputs change only in rounding (another summation order). Each weight is copied once, so loading
-    briefly needs one more copy of the largest weight.
-    """
-    owners: dict[int, int] = {}
-    for m in module.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    changed = 0
-    for m in module.modules():
-        w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
-        if w is None or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or owners[id(w)] > 1:
-            continue
-        if w.t().is_contiguous():
-            continue
-        m.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
-        changed += 1
-    return changed
+def column_major_pays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether projection weights on this device and dtype are better stored column-major: the same (out, in)
+    matrix, its transpose contiguous in memory. Yes for float32 on CPU: torch's kernel for x @ W.T streams a
+    column-major W about twice as fast when W does not fit in cache, which is what batch-1 decoding reads (an
+    LM head of 32000 x 512: 7.7 -> 3.5 ms on one core), and about as fast at 8 rows or more (within noise,
+    sometimes a little slower). No for float16 (several times slower that way), bfloat16 (no faster) and CUDA.
+    The outputs change only in rounding (another summation order)."""
+    return device.type == "cpu" and dtype == torch.float32
 
 
 class LayerNorm(nn.Module):

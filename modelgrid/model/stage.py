@@ -11,7 +11,7 @@ from modelgrid.model.checkpoint import Checkpoint, meta_stage
 from modelgrid.model.decoder import DecoderStage
 from modelgrid.model.encoder import EncoderStage
 from modelgrid.model.errors import ModelFormatError
-from modelgrid.model.layers import column_major_linears
+from modelgrid.model.layers import column_major_pays
 from modelgrid.model.spec import load_spec
 
 __all__ = ["DecoderStage", "EncoderStage", "load_stage"]
@@ -29,7 +29,8 @@ def load_stage(
     The modules are built on the meta device and each needed tensor is read from its file and
     assigned in place, so memory holds this stage's weights only. The directory may hold just
     those tensors (plus config.json). dtype None means float32 on CPU, bfloat16 elsewhere. Float32
-    projections on CPU are stored column-major, which decodes faster (layers.column_major_linears).
+    projections on CPU are stored column-major, which decodes faster (layers.column_major_pays); a matrix two
+    modules share (an LM head tied to the embeddings in the same stage) keeps rows, for the lookup.
     """
     spec = load_spec(directory)
     device = torch.device(device)
@@ -39,6 +40,7 @@ def load_stage(
     checkpoint = Checkpoint(directory)
     checkpoint.require(names.values(), f"layers [{start}, {end}) of {directory}")
     params = dict(stage.named_parameters(remove_duplicate=False))
+    projections = {f"{name}.weight" for name, m in stage.named_modules() if isinstance(m, nn.Linear)}
     local_keys: dict[str, list[str]] = {}
     for key, name in names.items():
         expected, got = tuple(params[key].shape), checkpoint.shape(name)
@@ -50,12 +52,14 @@ def load_stage(
                 f"intermediate_size={spec.intermediate_size}, vocab_size={spec.vocab_size})"
             )
         local_keys.setdefault(name, []).append(key)
-    for name, tensor in checkpoint.load_many(local_keys, device, dtype):
+    column_major = set()
+    if column_major_pays(device, dtype):
+        column_major = {name for name, keys in local_keys.items() if len(keys) == 1 and keys[0] in projections}
+    for name, tensor in checkpoint.load_many(local_keys, device, dtype, column_major):
         param = nn.Parameter(tensor, requires_grad=False)
         for key in local_keys[name]:  # two keys when a stage both embeds and has a tied LM head
             module, attr = key.rsplit(".", 1)
             setattr(stage.get_submodule(module), attr, param)
-    column_major_linears(stage)
     stage.init_buffers(device)
     return stage.eval()
 

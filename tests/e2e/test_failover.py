@@ -170,7 +170,8 @@ def test_a_frozen_stage_worker_is_found_by_keepalive_and_failed_over(cluster: Cl
     print(f"\n[SIGSTOP] froze {frozen['victim']} after token {frozen['index']}: worst token gap after it "
           f"{stall:.2f} s (keepalive finds a silent peer within {found_within:.0f} s)")
     # a coarse bound on the mechanism, not a speed target: keepalive plus a failover, far below the request's
-    # 120 s deadline (before keepalive was 5 s + 5 s, with gRPC's default 60 s ping timeout, this stalled 61 s)
+    # 120 s deadline (before grpc.http2.ping_timeout_ms was set, gRPC's 60 s default bounded the wait for a
+    # ping's answer: this stalled 61 s)
     assert stall < found_within + 5.0
     restore(cluster, str(frozen["victim"]))
 

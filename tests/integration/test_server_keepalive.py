@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelgrid.channel import GRPC_OPTIONS
 from services.common.server import create_server
 
-FAST_PINGS = [*dict([*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 500)]).items()]  # 10x our rate, to see it in 4 s
+FAST_PINGS = [*dict([*GRPC_OPTIONS, ("grpc.keepalive_time_ms", 500)]).items()]  # 10x the services' rate, to see it in 4 s
 
 
 async def idle_states(server_options: list[tuple[str, int]]) -> list[str]:
