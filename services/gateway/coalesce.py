@@ -3,17 +3,14 @@
 Sessions that are decoding at once reach each hop at nearly the same moment: the previous stage's
 reply to a batch wakes them all in the same turn of the event loop. Each step is held until the end
 of that turn (loop.call_soon), and everything held for one worker address then goes together
-(send_many: the gateway sends it as one message on the worker's step stream, see step_stream.py),
+(send_many: the gateway sends it as one message on the worker's step stream, see upstream.Workers),
 instead of one gRPC call per session per hop. The worker queues a batch's steps together, so they
 share its passes, and streams each pass's results back as the pass ends: the sessions of a pass move on
 at once, not when the whole batch is done (which would keep all of them in one group that the stages
-pass to each other in turn, one stage idle while the other runs). A lone step goes as a plain Forward,
-unless lone_as_batch (on a stream, a batch of one costs less than a call of its own).
+pass to each other in turn, one stage idle while the other runs). A lone step goes the same way.
 
 A batch is split into groups of at most BATCH_BYTES of steps (hidden states of long prompts are large: a
-few of them together could pass gRPC's 64 MiB message cap, and RESOURCE_EXHAUSTED is not retried). A
-worker that answers ForwardBatch UNIMPLEMENTED (an older worker, during a rolling upgrade) gets each held
-step as a plain Forward, and only plain Forwards for NO_BATCH_RETRY_S.
+few of them together could pass gRPC's 64 MiB message cap, and RESOURCE_EXHAUSTED is not retried).
 
 Every step keeps its own outcome: the worker answers each one (a result or a status code), and a
 call that fails as a whole (the worker unreachable, the batch's deadline) fails each of its steps
@@ -25,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from modelgrid.errors import DeadlineExceeded, ModelGridError, from_code
 from services.gateway.domain import Hop
@@ -34,11 +31,7 @@ log = logging.getLogger(__name__)
 
 # the steps of one ForwardBatch, in serialized bytes: well under gRPC's 64 MiB message cap (as EMBED_BATCH_BYTES)
 BATCH_BYTES = 16 * 1024 * 1024
-# how long a worker that answered ForwardBatch UNIMPLEMENTED gets plain Forwards only (it may be upgraded meanwhile)
-NO_BATCH_RETRY_S = 60.0
 
-# (hop, request, timeout) -> the worker's ForwardResponse; raises a domain error
-SendOne = Callable[[Hop, Any, float], Awaitable[Any]]
 # (hop, requests, timeout) -> the worker's ForwardBatchResponse messages as its passes end (each result names
 # its request by index); raises a domain error
 SendMany = Callable[[Hop, Sequence[Any], float], AsyncIterator[Any]]
@@ -49,30 +42,22 @@ class _Held:
     hop: Hop
     request: Any  # worker_pb2.ForwardRequest
     timeout: float
-    deadline: float  # loop.time() at which the caller stops waiting
     future: asyncio.Future = field(repr=False)
 
 
 class StepCoalescer:
     """Holds the steps submitted during one event-loop turn, per worker address, and sends them together."""
 
-    def __init__(
-        self, send_one: SendOne, send_many: SendMany, budget_bytes: int = BATCH_BYTES,
-        no_batch_retry_s: float = NO_BATCH_RETRY_S, lone_as_batch: bool = False,
-    ) -> None:
-        self._send_one = send_one
+    def __init__(self, send_many: SendMany, budget_bytes: int = BATCH_BYTES) -> None:
         self._send_many = send_many
-        self._lone_as_batch = lone_as_batch  # a step alone goes through send_many too (as cheap, on a stream)
         self._budget_bytes = budget_bytes
-        self._no_batch_retry_s = no_batch_retry_s
         self._held: dict[str, list[_Held]] = {}
         self._calls: set[asyncio.Task] = set()
-        self._no_batch: dict[str, float] = {}  # address -> loop.time() until which it gets plain Forwards only
 
     async def submit(self, hop: Hop, request: Any, timeout: float) -> Any:
         """The worker's ForwardResponse to this step; raises the step's error as a domain error."""
         loop = asyncio.get_running_loop()
-        held = _Held(hop, request, timeout, loop.time() + timeout, loop.create_future())
+        held = _Held(hop, request, timeout, loop.create_future())
         waiting = self._held.setdefault(hop.address, [])
         if not waiting:
             loop.call_soon(self._flush, hop.address)
@@ -87,33 +72,21 @@ class StepCoalescer:
 
     def _flush(self, address: str) -> None:
         batch = [h for h in self._held.pop(address, ()) if not h.future.done()]
-        if not batch:
-            return
-        if self._no_batch.get(address, -1.0) > asyncio.get_running_loop().time():
-            calls = [self._send_alone(h) for h in batch]
-        else:
-            calls = [self._send_alone(group[0]) if len(group) == 1 and not self._lone_as_batch else self._send(group)
-                     for group in _groups(batch, self._budget_bytes)]
-        for coroutine in calls:
-            call = asyncio.ensure_future(coroutine)
+        for group in _groups(batch, self._budget_bytes) if batch else ():
+            call = asyncio.ensure_future(self._send(group))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
     async def _send(self, batch: list[_Held]) -> None:
         hop = batch[0].hop
         timeout = max(h.timeout for h in batch)
-        answered = False
         try:
             async for reply in self._send_many(hop, [h.request for h in batch], timeout):
-                answered = True
                 for result in reply.results:
                     if 0 <= result.index < len(batch):
                         outcome = from_code(result.code, result.message) if result.code else result.response
                         _settle(batch[result.index], outcome)
         except ModelGridError as err:
-            if err.code == "UNIMPLEMENTED" and not answered:
-                await self._without_batches(batch, err)
-                return
             for held in batch:  # those not answered yet
                 _settle(held, from_code(err.code, err.message))
             return
@@ -129,27 +102,6 @@ class StepCoalescer:
         for held in batch:
             _settle(held, from_code("UNAVAILABLE", f"worker {hop.worker_id} at {hop.address} ended ForwardBatch "
                                                    f"without answering session {held.request.session_id}"))
-
-    async def _without_batches(self, batch: list[_Held], err: ModelGridError) -> None:
-        """The worker has no ForwardBatch (older than the gateway): each step again as a plain Forward."""
-        hop = batch[0].hop
-        loop = asyncio.get_running_loop()
-        if self._no_batch.get(hop.address, -1.0) <= loop.time():
-            log.warning("worker %s at %s has no ForwardBatch (%s): plain Forwards to it for %.0f s", hop.worker_id,
-                        hop.address, err.message, self._no_batch_retry_s)
-        self._no_batch[hop.address] = loop.time() + self._no_batch_retry_s
-        await asyncio.gather(*(self._send_alone(h) for h in batch if not h.future.done()))
-
-    async def _send_alone(self, held: _Held) -> None:
-        """One step as a plain Forward; its outcome settles its future."""
-        timeout = max(held.deadline - asyncio.get_running_loop().time(), 0.001)
-        try:
-            _settle(held, await self._send_one(held.hop, held.request, timeout))
-        except ModelGridError as err:
-            _settle(held, from_code(err.code, err.message))
-        except Exception as err:  # noqa: BLE001 - a bug: the caller gets it rather than hanging
-            log.exception("Forward to %s failed", held.hop.address)
-            _settle(held, err)
 
 
 def _groups(batch: list[_Held], budget_bytes: int) -> list[list[_Held]]:

@@ -32,7 +32,7 @@ from modelgrid.v1 import (
 from services.common.tracing import current_request_id, traced_channel
 from services.gateway import convert
 from services.gateway.auth import Principal
-from services.gateway.coalesce import NO_BATCH_RETRY_S, StepCoalescer
+from services.gateway.coalesce import StepCoalescer
 from services.gateway.domain import Hop, Route, Sampling, VersionInfo
 from services.gateway.step_stream import StepStream, single_token
 
@@ -57,6 +57,11 @@ RENEW_MIN_AGE_S = 0.5
 # the peer was not reached at all: its channel may be waiting out a reconnect backoff
 _CONNECT_FAILED = ("failed to connect", "connection refused", "connect failed")
 ROUTE_TIMEOUT_S = 3.0  # GetRoute reads Redis only: a scheduler slower than this is treated as down
+# How a batch of steps travels to a worker, newest first (Workers._send_steps); a worker older than the gateway
+# gets the older transport it answered with for this long (it may be upgraded meanwhile).
+_STREAM, _BATCH, _FORWARD = 0, 1, 2
+_TRANSPORTS = ("ForwardStream", "ForwardBatch", "Forward")
+OLDER_WORKER_RETRY_S = 60.0
 
 
 def downstream_error(service: str, address: str, err: grpc.aio.AioRpcError) -> ModelGridError:
@@ -242,11 +247,11 @@ class Workers:
     def __init__(self, channels: Channels) -> None:
         self._channels = channels
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
-        # concurrent sessions' steps to the same worker go together, as one message on the worker's step
-        # stream (a lone step too); to a worker without ForwardStream, as one ForwardBatch call
-        self._coalescer = StepCoalescer(self._call_forward, self._call_forward_batch, lone_as_batch=True)
+        # concurrent sessions' steps to the same worker go together (a lone step too), see _send_steps
+        self._coalescer = StepCoalescer(self._send_steps)
         self._streams: dict[str, tuple[grpc.aio.Channel, StepStream]] = {}
-        self._no_stream: dict[str, float] = {}  # address -> loop.time() until which it gets ForwardBatch calls
+        # address -> (the transport it gets, loop.time() until which): a worker older than the gateway
+        self._older: dict[str, tuple[int, float]] = {}
         self._stream_closes: set[asyncio.Task] = set()
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -330,38 +335,78 @@ class Workers:
         except grpc.aio.AioRpcError as err:
             raise self._hop_error(hop, err) from None
 
-    async def _call_forward_batch(
+    async def _send_steps(
         self, hop: Hop, requests: Sequence[worker_pb2.ForwardRequest], timeout: float
     ) -> AsyncIterator[Any]:
-        """The worker's results, one message per pass, as they come: decode steps over its step stream, others
-        (and all, to a worker older than ForwardStream) as a ForwardBatch call."""
-        stream = self._stream(hop) if all(single_token(r) for r in requests) else None
-        if stream is not None:
+        """A batch of steps to one worker; its results, one ForwardBatchResponse per pass, as they come. Decode
+        steps go as one message on the worker's step stream, others as a ForwardBatch call. A worker older than
+        the gateway (a rolling upgrade) answers the call UNIMPLEMENTED before any result: it gets the next
+        transport down (ForwardStream -> ForwardBatch -> a plain Forward per step), for OLDER_WORKER_RETRY_S."""
+        level = self._transport(hop.address)
+        if level == _STREAM and not all(single_token(r) for r in requests):
+            level = _BATCH
+        while True:
             answered = False
             try:
-                async for replies in stream.batch(requests, timeout):
+                async for reply in self._send_as(level, hop, requests, timeout):
                     answered = True
-                    yield replies
+                    yield reply
                 return
             except ModelGridError as err:
-                if err.code != "UNIMPLEMENTED" or answered:
+                if err.code != "UNIMPLEMENTED" or answered or level == _FORWARD:
                     raise
-                self._no_stream[hop.address] = asyncio.get_running_loop().time() + NO_BATCH_RETRY_S
-                log.warning("worker %s at %s has no ForwardStream (%s): ForwardBatch calls to it for %.0f s",
-                            hop.worker_id, hop.address, err.message, NO_BATCH_RETRY_S)
-        call = self._stub(hop.address).ForwardBatch(worker_pb2.ForwardBatchRequest(steps=requests), timeout=timeout)
-        try:
-            async for reply in call:
-                yield reply
-        except grpc.aio.AioRpcError as err:
-            raise self._hop_error(hop, err) from None
+                level = self._older_than(hop, level, err.message)
 
-    def _stream(self, hop: Hop) -> StepStream | None:
+    def _transport(self, address: str) -> int:
+        level, until = self._older.get(address, (_STREAM, 0.0))
+        return level if until > asyncio.get_running_loop().time() else _STREAM
+
+    def _older_than(self, hop: Hop, level: int, why: str) -> int:
+        """The worker lacks the transport `level` names: the next one down, remembered for OLDER_WORKER_RETRY_S."""
+        if self._transport(hop.address) <= level:  # not yet known (concurrent batches log it once)
+            log.warning("worker %s at %s has no %s (%s): %s to it for %.0f s", hop.worker_id, hop.address,
+                        _TRANSPORTS[level], why, _TRANSPORTS[level + 1], OLDER_WORKER_RETRY_S)
+            self._older[hop.address] = (level + 1, asyncio.get_running_loop().time() + OLDER_WORKER_RETRY_S)
+        return level + 1
+
+    async def _send_as(
+        self, level: int, hop: Hop, requests: Sequence[worker_pb2.ForwardRequest], timeout: float
+    ) -> AsyncIterator[Any]:
+        if level == _STREAM:
+            async for replies in self._stream(hop).batch(requests, timeout):
+                yield replies
+        elif level == _BATCH:
+            call = self._stub(hop.address).ForwardBatch(worker_pb2.ForwardBatchRequest(steps=requests), timeout=timeout)
+            try:
+                async for reply in call:
+                    yield reply
+            except grpc.aio.AioRpcError as err:
+                raise self._hop_error(hop, err) from None
+        else:  # one Forward per step, concurrently; each answer as a result of its own
+            calls = {asyncio.ensure_future(self._call_forward(hop, r, timeout)): i for i, r in enumerate(requests)}
+            pending = set(calls)
+            try:
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    reply = worker_pb2.ForwardBatchResponse()
+                    for call in done:
+                        result = reply.results.add(index=calls[call])
+                        error = call.exception()
+                        if error is None:
+                            result.response.CopyFrom(call.result())
+                        elif isinstance(error, ModelGridError):
+                            result.code, result.message = error.code, error.message
+                        else:
+                            raise error
+                    yield reply
+            finally:
+                for call in pending:
+                    call.cancel()
+
+    def _stream(self, hop: Hop) -> StepStream:
         """The open step stream to the hop's worker (a new one if it has none, or its call ended, or the
-        channel was renewed); None while the worker is known to have no ForwardStream."""
+        channel was renewed)."""
         address = hop.address
-        if self._no_stream.get(address, -1.0) > asyncio.get_running_loop().time():
-            return None
         channel = self._channels.get(address, traced=False)
         current = self._streams.get(address)
         if current is not None and current[0] is channel and current[1].ended is None:

@@ -15,6 +15,7 @@ import pytest
 from modelgrid.errors import DeadlineExceeded, Unavailable
 from modelgrid.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.domain import Hop, Route, Sampling
+from services.gateway import upstream
 from services.gateway.upstream import Channels, Workers
 
 
@@ -57,10 +58,26 @@ class SilentWorker(worker_pb2_grpc.WorkerServicer):
         yield worker_pb2.ForwardBatchResponse()  # never reached: an async generator
 
 
+class Attempts(grpc.aio.ServerInterceptor):
+    """The Worker methods called, those the server lacks included (grpc answers them UNIMPLEMENTED)."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return await continuation(details)
+
+    def count(self, method: str) -> int:
+        return self.methods.count(method)
+
+
 @contextlib.asynccontextmanager
-async def gateway_to(servicer: worker_pb2_grpc.WorkerServicer) -> AsyncIterator[tuple[Workers, Hop]]:
+async def gateway_to(
+    servicer: worker_pb2_grpc.WorkerServicer, attempts: Attempts | None = None
+) -> AsyncIterator[tuple[Workers, Hop]]:
     """The gateway's Workers, and a hop to `servicer` served over real gRPC."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[attempts] if attempts else None)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -83,23 +100,35 @@ async def step(workers: Workers, hop: Hop, session: int, round_: int, timeout: f
 
 
 async def test_concurrent_steps_to_a_worker_without_forward_batch_all_get_answers() -> None:
-    old = OldWorker()
-    async with gateway_to(old) as (workers, hop):
-        for round_ in range(2):  # the second round goes straight to plain Forwards
+    old, attempts = OldWorker(), Attempts()
+    async with gateway_to(old, attempts) as (workers, hop):
+        for round_ in range(2):  # the second round goes straight to plain Forwards: the worker is remembered
             tokens = await asyncio.gather(*(step(workers, hop, s, round_) for s in range(4)))
             assert tokens == [s + round_ for s in range(4)]
     assert sorted(old.forwards) == sorted([f"s{s}" for s in range(4)] * 2)
+    assert attempts.count("ForwardStream") == 1 and attempts.count("ForwardBatch") == 1
+
+
+async def test_a_worker_once_older_is_asked_for_the_newer_transport_again_after_a_while(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "OLDER_WORKER_RETRY_S", 0.0)  # an upgraded worker gets streams again
+    old, attempts = BatchWorker(), Attempts()
+    async with gateway_to(old, attempts) as (workers, hop):
+        for round_ in range(2):
+            assert await step(workers, hop, 0, round_) == round_
+    assert attempts.count("ForwardStream") == 2 and attempts.count("ForwardBatch") == 2
 
 
 async def test_steps_to_a_worker_without_forward_stream_go_as_forward_batch_calls() -> None:
-    old = BatchWorker()
-    async with gateway_to(old) as (workers, hop):
+    old, attempts = BatchWorker(), Attempts()
+    async with gateway_to(old, attempts) as (workers, hop):
         for round_ in range(2):
             tokens = await asyncio.gather(*(step(workers, hop, s, round_) for s in range(4)))
             assert tokens == [s + round_ for s in range(4)]
         assert await step(workers, hop, 9, 2) == 11  # a lone step too
     assert sorted(s for batch in old.batches for s in batch) == sorted([f"s{s}" for s in range(4)] * 2 + ["s9"])
     assert len(old.batches) < 9 and not old.forwards  # coalesced, and never a plain Forward
+    assert attempts.count("ForwardStream") == 1  # asked once, then remembered
 
 
 async def test_a_batch_the_worker_never_answers_gives_up_at_its_deadline() -> None:

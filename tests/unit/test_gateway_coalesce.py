@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from modelgrid.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
+from modelgrid.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from modelgrid.v1 import worker_pb2
 from services.gateway.coalesce import StepCoalescer
 from services.gateway.domain import Hop
@@ -32,21 +32,11 @@ class FakeWorkers:
         self.down: Exception | None = None  # the whole call fails
         self.delay = 0.0
         self.unanswered = ""  # a session the batch stream ends without answering
-        self.no_batch = False  # an older worker: ForwardBatch is UNIMPLEMENTED
-
-    async def one(self, hop: Hop, request: worker_pb2.ForwardRequest, timeout: float) -> worker_pb2.ForwardResponse:
-        self.calls.append((hop.address, [request.session_id]))
-        await asyncio.sleep(self.delay)
-        if self.down is not None:
-            raise self.down
-        return worker_pb2.ForwardResponse(cache_length=len(request.session_id))
 
     async def many(self, hop: Hop, requests, timeout: float) -> AsyncIterator[worker_pb2.ForwardBatchResponse]:  # noqa: ANN001
         """Failed steps first, then the others one message each, last step first."""
         self.calls.append((hop.address, [r.session_id for r in requests]))
         await asyncio.sleep(self.delay)
-        if self.no_batch:  # as upstream.Workers maps grpc's answer for a method the server lacks
-            raise from_code("UNIMPLEMENTED", "Method not found!")
         if self.down is not None:
             raise self.down
         failed = worker_pb2.ForwardBatchResponse()
@@ -64,10 +54,10 @@ class FakeWorkers:
 
 def coalescer(**kwargs: float) -> tuple[StepCoalescer, FakeWorkers]:
     fake = FakeWorkers()
-    return StepCoalescer(fake.one, fake.many, **kwargs), fake
+    return StepCoalescer(fake.many, **kwargs), fake
 
 
-async def test_steps_of_one_turn_go_together_per_worker_and_a_lone_step_goes_alone() -> None:
+async def test_steps_of_one_turn_go_together_per_worker_and_a_lone_step_goes_as_a_batch_of_one() -> None:
     c, fake = coalescer()
     replies = await asyncio.gather(
         c.submit(A, step("s1"), 5), c.submit(A, step("s22"), 5), c.submit(B, step("s333"), 5)
@@ -134,31 +124,6 @@ async def test_held_steps_are_split_into_groups_under_the_byte_budget() -> None:
                                    c.submit(A, step("b", 10), 5), c.submit(A, step("c", 10), 5))
     assert [r.cache_length for r in replies] == [1, 3, 1, 1]
     assert sorted(fake.calls) == [("10.0.0.1:1", ["a"]), ("10.0.0.1:1", ["b", "c"]), ("10.0.0.1:1", ["big"])]
-
-
-async def test_a_worker_without_forward_batch_gets_plain_forwards_and_is_remembered() -> None:
-    c, fake = coalescer()
-    fake.no_batch = True
-    replies = await asyncio.gather(*(c.submit(A, step(s), 5) for s in ("a", "bb", "ccc")))
-    assert [r.cache_length for r in replies] == [1, 2, 3]
-    assert fake.calls[0] == ("10.0.0.1:1", ["a", "bb", "ccc"])  # tried once
-    assert sorted(fake.calls[1:]) == [("10.0.0.1:1", ["a"]), ("10.0.0.1:1", ["bb"]), ("10.0.0.1:1", ["ccc"])]
-    fake.calls.clear()
-    # the next turn's steps to that worker go as plain Forwards at once; another worker still gets batches
-    fake.no_batch = False
-    await asyncio.gather(c.submit(A, step("d"), 5), c.submit(A, step("e"), 5),
-                         c.submit(B, step("f"), 5), c.submit(B, step("g"), 5))
-    assert sorted(fake.calls) == [("10.0.0.1:1", ["d"]), ("10.0.0.1:1", ["e"]), ("10.0.0.2:1", ["f", "g"])]
-
-
-async def test_a_worker_without_forward_batch_is_asked_again_after_a_while() -> None:
-    c, fake = coalescer(no_batch_retry_s=0.0)  # an upgraded worker gets batches again
-    fake.no_batch = True
-    await asyncio.gather(c.submit(A, step("a"), 5), c.submit(A, step("b"), 5))
-    fake.no_batch = False
-    fake.calls.clear()
-    await asyncio.gather(c.submit(A, step("c"), 5), c.submit(A, step("d"), 5))
-    assert fake.calls == [("10.0.0.1:1", ["c", "d"])]
 
 
 async def test_an_unimplemented_step_inside_a_batch_is_that_steps_error() -> None:
