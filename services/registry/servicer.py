@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import AsyncIterator
 
 import grpc
 
-from modelgrid.errors import ModelGridError
 from modelgrid.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.rpc import rpc
 from services.registry import convert
 from services.registry.keys import ApiKeys, KeyStore
 from services.registry.registry import Registry
-
-log = logging.getLogger(__name__)
-
-# A refused upload reads what the client still sends, up to this long, before it answers (see _drain).
-UPLOAD_DRAIN_S = 30.0
-
-
-async def _drain(requests: AsyncIterator[object], seconds: float) -> None:
-    """Read the rest of a client stream, for at most `seconds`. When a server ends a client-streaming call
-    while an asyncio client is still writing, grpc.aio may report INTERNAL "Internal error from Core" to that
-    client instead of the server's status (grpc/grpc#36066); the gateway proxies uploads with such a client,
-    so a refused upload would reach the user as INTERNAL now and then. Answering after the client's last
-    message sidesteps it; the bound keeps a slow or endless client from holding the call."""
-    try:
-        async with asyncio.timeout(seconds):
-            async for _ in requests:
-                pass
-    except TimeoutError:
-        log.info("a refused upload was still sending after %.0f s; answering it now", seconds)
-    except grpc.aio.AioRpcError:
-        pass  # the client went away: nobody to answer
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -46,11 +22,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def UploadVersion(
         self, requests: AsyncIterator[common_pb2.UploadVersionChunk], context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelVersion:
-        try:
-            record = await self.registry.upload(convert.upload_parts(requests))
-        except ModelGridError:
-            await _drain(requests, UPLOAD_DRAIN_S)
-            raise
+        record = await self.registry.upload(convert.upload_parts(requests))
         return convert.version_to_proto(record)
 
     @rpc

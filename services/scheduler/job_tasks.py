@@ -267,13 +267,16 @@ class JobTasks:
             return [j.decode() for j in await self._redis.zrange(self._active, 0, -1)]
 
     async def status(self, job_id: str) -> JobStatus | None:
-        job, _, _ = self._keys(job_id)
+        return (await self.statuses([job_id]))[0]
+
+    async def statuses(self, job_ids: Sequence[str]) -> list[JobStatus | None]:
+        """status() of each job, in one round trip."""
         async with redis_errors():
-            raw = await self._redis.hgetall(job)
-        if not raw or b"meta" not in raw:
-            return None
-        return JobStatus(JobMeta.from_json(raw[b"meta"]), raw[b"state"].decode(), raw[b"error"].decode(),
-                         int(raw[b"tasks"]), int(raw[b"finished"]))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hgetall(self._keys(job_id)[0])
+                raws = await pipe.execute()
+        return [_status(raw) for raw in raws]
 
     async def active_and_routes(self) -> tuple[list[str], list[list[str]]]:
         """What a lease looks at, in one round trip: active() and the worker ids of every live lease's route."""
@@ -345,3 +348,10 @@ class JobTasks:
         async with redis_errors():
             return bool(await self._drop(keys=[job, task_hash, queue, self._leases, self._lease_workers, self._active],
                                          args=[job_id]))
+
+
+def _status(raw: dict[bytes, bytes]) -> JobStatus | None:
+    if not raw or b"meta" not in raw:
+        return None
+    return JobStatus(JobMeta.from_json(raw[b"meta"]), raw[b"state"].decode(), raw[b"error"].decode(),
+                     int(raw[b"tasks"]), int(raw[b"finished"]))

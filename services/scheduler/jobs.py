@@ -131,8 +131,7 @@ class JobQueue:
         # (model, version) -> (placement, its serving workers, epoch) or None: read once per pass, however
         # many of the active jobs run on the same version
         placed: dict[tuple[str, str], tuple[PlacementRecord, set[str], int] | None] = {}
-        for job_id in job_ids:
-            status = await self.tasks.status(job_id)
+        for job_id, status in zip(job_ids, await self.tasks.statuses(job_ids)):
             if status is None or status.state != "running":
                 continue
             meta = status.meta
@@ -153,7 +152,7 @@ class JobQueue:
                 continue
             if task.avoid:  # a retried task keeps away from the workers it failed on
                 hops = choose_task_route(placement.stages, live, load, cap, task.avoid, label, self._rng)
-            if hops is None or not await self.tasks.set_route(task, [h.worker_id for h in hops]):
+            if not await self.tasks.set_route(task, [h.worker_id for h in hops]):
                 await self.tasks.set_route(task, [])
                 continue
             route = Route(meta.model, meta.version, self._controller.newest_epoch(epoch), tuple(hops))

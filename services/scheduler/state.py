@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -162,8 +162,12 @@ class SchedulerState:
 
     async def get_workers(self, worker_ids: Iterable[str]) -> dict[str, WorkerRecord]:
         """The live records of these workers, by id (an expired one is left out)."""
-        workers, _ = await self.workers_and_epoch(worker_ids)
-        return workers
+        ids = sorted(set(worker_ids))
+        if not ids:
+            return {}
+        async with redis_errors():
+            raws = await self._redis.mget([self._worker_key(i) for i in ids])
+        return _records(ids, raws)
 
     async def workers_and_epoch(self, worker_ids: Iterable[str]) -> tuple[dict[str, WorkerRecord], int]:
         """get_workers and the stored epoch, in one round trip (what a route needs)."""
@@ -171,10 +175,10 @@ class SchedulerState:
         async with redis_errors():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.get(self._epoch)
-                for i in ids:
-                    pipe.get(self._worker_key(i))
-                epoch, *raws = await pipe.execute()
-        return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}, int(epoch or 0)
+                if ids:
+                    pipe.mget([self._worker_key(i) for i in ids])
+                epoch, *found = await pipe.execute()
+        return _records(ids, found[0] if found else []), int(epoch or 0)
 
     async def member_ids(self) -> set[str]:
         """Ids in the member set, their key expired or not (who was registered before a restart)."""
@@ -268,3 +272,8 @@ class SchedulerState:
                 args=[self._field(record.model, record.version), record.epoch, record.to_json()],
             )
         return bool(done)
+
+
+def _records(ids: Sequence[str], raws: Sequence[bytes | None]) -> dict[str, WorkerRecord]:
+    """MGET's answers for these worker ids: the live records, by id."""
+    return {i: WorkerRecord.from_json(raw) for i, raw in zip(ids, raws) if raw}

@@ -449,7 +449,8 @@ async def test_cancelled_upload_leaves_nothing(reg: Harness, checkpoints: dict[s
 
 
 async def test_a_refused_upload_is_answered_with_its_status_once_the_client_has_sent_everything(reg: Harness) -> None:
-    """The registry refuses the header at once, then reads the rest of the upload before it answers (so that
+    """The registry refuses the header at once; services.common.rpc then reads the rest of the upload before the
+    call answers (as for every failed client-streaming call: so that
     an asyncio client, like the gateway's proxy, gets the status rather than grpc.aio's INTERNAL "Internal
     error from Core" for a write after the call ended: grpc/grpc#36066, a race this test cannot force). Here:
     the refusal still comes with its status and message, promptly (20 uploads, not 20 drain timeouts)."""
