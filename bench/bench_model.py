@@ -15,21 +15,13 @@ import time
 
 import torch
 
+from bench_platform import MODEL, Runs, own_generate
 from modelgrid.model import load_stage, write_random_checkpoint
 
-MODEL = dict(num_layers=8, hidden_size=512, num_heads=8, intermediate_size=1376, vocab_size=32000)
-
-
-def ours(directory: str, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
-    stage = load_stage(directory, 0, MODEL["num_layers"])
-    start = time.perf_counter()
-    cache = stage.new_cache()
-    x, tokens = prompt, []
-    for _ in range(new_tokens):
-        token = int(stage(x, cache, last_only=True)[-1].argmax())
-        tokens.append(token)
-        x = torch.tensor([token])
-    return time.perf_counter() - start, tokens
+def ours(stage, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:  # noqa: ANN001
+    runs = Runs("modelgrid")
+    tokens = own_generate(stage, prompt.tolist(), new_tokens, runs)
+    return runs.totals[0], tokens
 
 
 def theirs(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
@@ -58,11 +50,12 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         model.generation_config.eos_token_id = None  # never stop early: time exactly new_tokens
         prompt = torch.randint(3, 32000, (args.prompt,), generator=torch.Generator().manual_seed(0))
-        ours(directory, prompt, 4)  # warm-up
+        stage = load_stage(directory, 0, MODEL["num_layers"])
+        ours(stage, prompt, 4)  # warm-up
         theirs(model, prompt, 4)
         our_times, their_times = [], []
         for _ in range(args.reps):
-            seconds, our_tokens = ours(directory, prompt, args.new_tokens)
+            seconds, our_tokens = ours(stage, prompt, args.new_tokens)
             our_times.append(seconds)
             seconds, their_tokens = theirs(model, prompt, args.new_tokens)
             their_times.append(seconds)

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,21 +201,37 @@ class Platform:
                 self.proc.wait()
 
 
+def worker_metrics_port(data_dir: Path, worker_id: str) -> int:
+    """The metrics port `modelgrid up` gave a worker (the launcher logs every child's command line)."""
+    text = (data_dir / "logs" / f"{worker_id}.log").read_text(errors="replace")
+    return int(re.findall(r"--metrics-port (\d+)", text)[-1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's batching counters from its Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    wanted = ("modelgrid_worker_busy_seconds", "modelgrid_worker_forward_passes", "modelgrid_worker_forward_steps")
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in wanted:
+            out[family.name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return out
+
+
 class PassTimes:
     """Forward passes of a route's workers over some generations, from their Prometheus counters: the time a
     worker's torch thread spent per pass, i.e. a stage's compute inside the platform."""
 
     def __init__(self, platform: Platform, client, name: str) -> None:  # noqa: ANN001 - modelgrid.Client
-        logs = platform.data_dir / "logs"
         workers = [stage.replicas[0].worker_id for stage in client.placement(name).stages]
-        # `modelgrid up` logs each child's command line, its --metrics-port included
-        self.ports = [int(re.findall(r"--metrics-port (\d+)", (logs / f"{w}.log").read_text())[-1]) for w in workers]
+        self.ports = [worker_metrics_port(platform.data_dir, w) for w in workers]
         self.busy = [0.0] * len(workers)
         self.passes = [0.0] * len(workers)
 
     def around(self, run):  # noqa: ANN001, ANN201 - run() -> its result; counts the passes it caused
-        from bench_throughput import scrape
-
         before = [scrape(p) for p in self.ports]
         result = run()
         for i, (a, b) in enumerate(zip(before, (scrape(p) for p in self.ports))):

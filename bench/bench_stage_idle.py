@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
+from bench_platform import MODEL
 from modelgrid.model import load_stage, write_random_checkpoint
-
-MODEL = dict(num_layers=8, hidden_size=512, num_heads=8, intermediate_size=1376, vocab_size=32000)
 
 
 def passes(stage, gap_s: float, spin: bool, steps: int) -> float:  # noqa: ANN001 - a DecoderStage

@@ -28,16 +28,14 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_platform import MODEL, ROOT, Platform, Runs, hf_generate
+from bench_platform import MODEL, ROOT, Platform, Runs, hf_generate, scrape, worker_metrics_port
 
 MODEL_NAME = "bench-throughput"
 WORKERS = 2
@@ -68,15 +66,6 @@ class Row:
 
 # ---- the platform -----------------------------------------------------------------------------------
 
-def worker_metrics_ports(data_dir: Path) -> list[int]:
-    """The metrics port `modelgrid up` gave each worker (the launcher logs every child's command line)."""
-    ports = []
-    for i in range(WORKERS):
-        text = (data_dir / "logs" / f"worker-{i}.log").read_text(errors="replace")
-        ports.append(int(re.findall(r"--metrics-port (\d+)", text)[-1]))
-    return ports
-
-
 def wait_placed(client, name: str, timeout_s: float) -> str:  # noqa: ANN001 - modelgrid.Client
     """Wait until every stage is ready; the cut, e.g. "[0,6) on worker-0, [6,8) on worker-1"."""
     from modelgrid.errors import NotFound
@@ -105,20 +94,6 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
             out[name] = (int(fields[11]) + int(fields[12])) / ticks
         except (OSError, IndexError, ValueError):
             out[name] = float("nan")
-    return out
-
-
-def scrape(port: int) -> dict[str, float]:
-    """A worker's batching counters from its Prometheus endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    wanted = ("modelgrid_worker_busy_seconds", "modelgrid_worker_forward_passes", "modelgrid_worker_forward_steps")
-    out = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in wanted:
-            out[family.name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
     return out
 
 
@@ -276,7 +251,7 @@ def main() -> int:
             key_file = data_dir / "api-key"  # the admin key `modelgrid up` made (when auth is on)
             target = Target(
                 platform.address, key_file.read_text().strip() if key_file.exists() else None,
-                worker_metrics_ports(data_dir),
+                [worker_metrics_port(data_dir, f"worker-{i}") for i in range(WORKERS)],
                 {name: int((data_dir / "run" / f"{name}.pid").read_text()) for name in PROCESSES},
             )
             hf_generate(model, prompts[0], 4, None)  # warm-ups

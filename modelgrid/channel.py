@@ -15,8 +15,9 @@ CHUNK_BYTES = 4 * 1024 * 1024
 # answer is grpc.http2.ping_timeout_ms (default 60 s); keepalive_timeout_ms alone no longer bounds it.
 KEEPALIVE_MS = 5_000
 KEEPALIVE_TIMEOUT_MS = 5_000
-# Clients of the SDK and CLI, and every server towards its callers, may sit behind a slow link where a
-# ping's answer waits behind megabytes of an upload: they ping less often and wait longer.
+# Clients of the SDK and CLI, a worker downloading weights from the registry, and every server towards its
+# callers may sit behind a slow link where a ping's answer waits behind megabytes of a transfer: they ping
+# less often and wait longer.
 CLIENT_KEEPALIVE_MS = 20_000
 CLIENT_KEEPALIVE_TIMEOUT_MS = 20_000
 

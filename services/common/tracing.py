@@ -144,7 +144,7 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
         return await continuation(_with_request_id(details), request_iterator)
 
 
-def traced_channel(address: str) -> grpc.aio.Channel:
+def traced_channel(address: str, options: list[tuple[str, int]] = GRPC_OPTIONS) -> grpc.aio.Channel:
     """modelgrid.channel.aio_channel that also forwards the current request id on every call."""
     interceptors = [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

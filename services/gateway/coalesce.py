@@ -95,10 +95,6 @@ class StepCoalescer:
             for held in batch:
                 _settle(held, err)
             return
-        except asyncio.CancelledError:  # the gateway is stopping: no caller waits for its deadline
-            for held in batch:
-                _settle(held, from_code("UNAVAILABLE", f"the batch to worker {hop.worker_id} was cancelled"))
-            raise
         for held in batch:
             _settle(held, from_code("UNAVAILABLE", f"worker {hop.worker_id} at {hop.address} ended ForwardBatch "
                                                    f"without answering session {held.request.session_id}"))

@@ -10,6 +10,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
+from modelgrid.channel import CLIENT_OPTIONS
 from modelgrid.errors import ModelGridError, from_code
 from modelgrid.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common.tracing import traced_channel
@@ -32,7 +33,7 @@ class RegistryClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = traced_channel(address)
+        self._channel = traced_channel(address, CLIENT_OPTIONS)  # weight downloads: lenient keepalive (channel.py)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     async def resolve(self, model: str, version: str) -> VersionInfo:

@@ -207,8 +207,9 @@ def test_metrics_count_exactly_and_request_ids_reach_every_service(stack: Stack)
         assert tagged, f"no log line of {name} carries the request id"
     registry_lines = "\n".join(l for l in stack.services["registry"].log().splitlines() if REQUEST_ID in l)
     assert "ResolveVersion" in registry_lines and "FetchFile" in registry_lines
-    for w in WORKERS:
-        assert "Forward" in "\n".join(l for l in stack.services[w].log().splitlines() if REQUEST_ID in l)
+    for w in WORKERS:  # the prompt's ForwardBatch call carries it in its metadata, each decode step in its message
+        tagged = "\n".join(l for l in stack.services[w].log().splitlines() if REQUEST_ID in l)
+        assert "ForwardBatch step of session" in tagged and "ForwardStream step of session" in tagged
 
 
 def test_a_user_key_sees_placements_without_worker_addresses(stack: Stack) -> None:

@@ -44,7 +44,7 @@ def test_route_goes_through_the_least_loaded_replicas() -> None:
 
 def test_tasks_leased_one_after_another_spread_over_the_replicas_with_a_rng() -> None:
     """Each task finished before the next is leased: every worker looks idle every time. Without a rng all
-    go through a and c; with one, ties are random and every replica gets a share (20 leases, seeded: 12 / 8 and 16 / 4)."""
+    go through a and c; with one, ties are random and every replica gets a share (20 leases, seeded)."""
     live = {"a", "b", "c", "d"}
     assert {tuple(_workers(choose_task_route(_stages(), live, {}, 2))) for _ in range(20)} == {("a", "c")}
     rng = random.Random(7)

@@ -200,7 +200,7 @@ def _linear_weights(stage: DecoderStage) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_float32_projections_on_cpu_are_column_major_and_a_tied_head_keeps_rows(make_checkpoint, arch):
-    """The layout load_stage picks for speed (layers.column_major_linears); the parity tests above check that
+    """The layout load_stage picks for speed (layers.column_major_pays); the parity tests above check that
     the numbers still match transformers with it."""
     directory = make_checkpoint(**INIT, **MODELS[arch])
     whole, last = load_stage(directory, 0, 4), load_stage(directory, 2, 4)
